@@ -1,0 +1,294 @@
+"""The course's own text world: a deterministic generator of everything the embedded model reads.
+
+Every lesson needs a real task on a model small enough for a laptop CPU, so the corpus is built
+for them (DESIGN.md, "The embedded model"):
+
+* **stories** with a happy or a sad ending — sentiment classification and style (PEFT lessons),
+  a preference for happy endings (reward model, PPO, DPO);
+* **factual Q&A** about colours, opposites, animal sounds, baby animals and legs, each with a short
+  and a long answer — instruction following (SFT) and a preference for concise answers;
+* **1–2 digit additions** — a verifiable reward for GRPO.
+
+Everything is a pure function of a seed. Held-out splits are decided by a hash of the item's
+identity (the story's text, the addition's operands), so a held-out item never appears in the
+pretraining stream, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+Split = Literal["train", "heldout"]
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sam", "Anna", "Max", "Zoe",
+         "Leo", "Emma", "Jack", "Lucy", "Finn", "Ruby", "Noah", "Ella"]
+ANIMALS = ["cat", "dog", "rabbit", "bird", "fox", "bear", "duck", "frog",
+           "mouse", "pig", "cow", "horse", "owl", "sheep", "lion", "goat"]
+PLACES = ["park", "forest", "garden", "beach", "farm", "river", "hill", "town", "lake", "meadow"]
+THINGS = ["ball", "kite", "hat", "box", "toy car", "balloon", "book", "cake", "drum", "boat"]
+HAZARDS = ["a deep hole", "the water", "a tall tree", "a big bush", "the mud", "a dark cave"]
+ADJECTIVES = ["little", "small", "kind", "brave", "shy", "happy", "curious", "tiny"]
+
+COLOURS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "banana": "yellow",
+           "apple": "red", "night": "black", "carrot": "orange", "strawberry": "red",
+           "leaf": "green", "cloud": "white", "coal": "black", "tomato": "red",
+           "lemon": "yellow", "sea": "blue", "milk": "white", "frog": "green", "pumpkin": "orange"}
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad",
+             "day": "night", "old": "new", "wet": "dry", "tall": "short", "light": "dark",
+             "open": "closed", "loud": "quiet", "full": "empty", "hard": "soft", "early": "late",
+             "in": "out", "left": "right", "good": "bad", "thick": "thin", "high": "low"}
+SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa",
+          "pig": "oink", "lion": "roar", "owl": "hoot", "horse": "neigh", "frog": "ribbit",
+          "mouse": "squeak", "bird": "tweet", "goat": "bleat", "bee": "buzz"}
+BABIES = {"dog": "puppy", "cat": "kitten", "cow": "calf", "sheep": "lamb", "duck": "duckling",
+          "horse": "foal", "pig": "piglet", "frog": "tadpole", "bear": "cub", "lion": "cub",
+          "goat": "kid", "owl": "owlet", "kangaroo": "joey", "swan": "cygnet"}
+LEGS = {"dog": 4, "cat": 4, "bird": 2, "fish": 0, "spider": 8, "ant": 6, "duck": 2, "horse": 4,
+        "snake": 0, "bee": 6, "cow": 4, "chicken": 2, "crab": 10, "frog": 4, "owl": 2, "beetle": 6}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty"]
+
+
+def _stable_hash(text: str) -> int:
+    """A hash that does not change between Python processes (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def split_of(key: str, heldout_percent: int = 10) -> Split:
+    """Assign an item to ``train`` or ``heldout`` from its identity alone."""
+    return "heldout" if _stable_hash(key) % 100 < heldout_percent else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# Stories
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Story:
+    body: str  # everything up to the ending
+    ending: str
+    label: Literal["happy", "sad"]
+
+    @property
+    def text(self) -> str:
+        return f"{self.body} {self.ending}"
+
+
+_HAPPY = [
+    "{friend} came to help, and together they got the {thing} back. {name} smiled and said thank you. It was a happy day.",
+    "Then the wind blew the {thing} back to {name}. {name} laughed and danced. {name} was very happy.",
+    "A kind {helper} found the {thing} and gave it to {name}. They became good friends and played all day.",
+    "{name} tried again and again, and at last {name} got the {thing} back. Mom gave {name} a big hug. {name} felt proud and happy.",
+]
+_SAD = [
+    "{name} looked and looked, but the {thing} was gone. {name} went home alone and cried. It was a sad day.",
+    "{friend} did not come to help. The {thing} was lost forever, and {name} felt very sad.",
+    "The {thing} was broken and could not be fixed. {name} sat down and cried all night.",
+    "It started to rain, and {name} could not find the {thing}. {name} walked home cold and sad.",
+]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for slot in ("name", "friend", "thing", "helper"):
+        pattern = pattern.replace(re.escape("{" + slot + "}"), r"[A-Za-z]+(?: [a-z]+)?")
+    return re.compile(pattern)
+
+
+_ENDING_PATTERNS = [(label, _template_regex(t)) for label, group in (("happy", _HAPPY), ("sad", _SAD)) for t in group]
+
+
+def ending_sentiment(text: str) -> Literal["happy", "sad"] | None:
+    """Which kind of ending a (generated) story reaches, judged by its ending sentences; None if none.
+
+    Used to check that continuations are well-formed stories, and later as a programmatic judge
+    of the "happy ending" preference."""
+    for label, pattern in _ENDING_PATTERNS:
+        if pattern.search(text):
+            return label
+    return None
+
+
+def make_story(rng: random.Random, label: Literal["happy", "sad"] | None = None) -> Story:
+    """One short story; the ending (and only the ending) carries the sentiment."""
+    name, friend = rng.sample(NAMES, 2)
+    animal, helper = rng.sample(ANIMALS, 2)
+    place, thing, hazard, adj = (rng.choice(PLACES), rng.choice(THINGS), rng.choice(HAZARDS),
+                                 rng.choice(ADJECTIVES))
+    opener = rng.choice([
+        f"Once upon a time, there was a {adj} {animal} named {name}.",
+        f"There was a {adj} {animal} called {name}.",
+        f"{name} was a {adj} {animal} who lived near the {place}.",
+    ])
+    middle = rng.choice([
+        f"One day, {name} went to the {place} with a {thing}. {name} played with the {thing} for a long time.",
+        f"{name} loved to play with a {thing} at the {place}. One day, {name} took the {thing} outside.",
+    ])
+    trouble = rng.choice([
+        f"But the {thing} fell into {hazard}.",
+        f"Suddenly, the {thing} rolled away into {hazard}.",
+    ])
+    label = label or rng.choice(["happy", "sad"])
+    ending = rng.choice(_HAPPY if label == "happy" else _SAD).format(
+        name=name, friend=friend, thing=thing, helper=helper)
+    return Story(body=f"{opener} {middle} {trouble}", ending=ending, label=label)
+
+
+# --------------------------------------------------------------------------------------------
+# Factual Q&A: (question, short answer, long answer, topic)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fact:
+    topic: str
+    question: str
+    short: str
+    long: str
+    answer_word: str  # the single word a grader looks for
+
+
+def all_facts() -> list[Fact]:
+    facts = []
+    for thing, colour in COLOURS.items():
+        facts.append(Fact("colour", f"What color is the {thing}?", f"The {thing} is {colour}.",
+                          f"The {thing} is {colour}. You can see its {colour} color every day, and "
+                          f"many people like the {colour} {thing} very much.", colour))
+    for word, opposite in OPPOSITES.items():
+        facts.append(Fact("opposite", f"What is the opposite of {word}?",
+                          f"The opposite of {word} is {opposite}.",
+                          f"The opposite of {word} is {opposite}. When something is not {word}, "
+                          f"we can often say that it is {opposite}.", opposite))
+    for animal, sound in SOUNDS.items():
+        facts.append(Fact("sound", f"What does a {animal} say?", f"A {animal} says {sound}.",
+                          f"A {animal} says {sound}. If you go near a {animal}, you may hear it "
+                          f"say {sound} again and again.", sound))
+    for animal, baby in BABIES.items():
+        facts.append(Fact("baby", f"What is a baby {animal} called?", f"A baby {animal} is called a {baby}.",
+                          f"A baby {animal} is called a {baby}. The {baby} stays close to its mother "
+                          f"until it is big and strong.", baby))
+    for animal, legs in LEGS.items():
+        n = NUMBER_WORDS[legs]
+        facts.append(Fact("legs", f"How many legs does a {animal} have?", f"A {animal} has {n} legs.",
+                          f"A {animal} has {n} legs. If you count them one by one, you will find "
+                          f"{n} legs on every {animal}.", n))
+    return facts
+
+
+def format_qa(question: str, answer: str) -> str:
+    return f"Q: {question}\nA: {answer}"
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic
+# --------------------------------------------------------------------------------------------
+def addition_split(a: int, b: int) -> Split:
+    """Held-out addition pairs never appear in pretraining (about 10% of the 100 × 100 pairs)."""
+    return split_of(f"add:{a}+{b}")
+
+
+def addition_prompt(a: int, b: int) -> str:
+    return f"Q: What is {a} + {b}?\nA:"
+
+
+def addition_pairs(split: Split, *, two_digit_only: bool = False) -> list[tuple[int, int]]:
+    lo = 10 if two_digit_only else 0
+    return [(a, b) for a in range(lo, 100) for b in range(lo, 100) if addition_split(a, b) == split]
+
+
+# --------------------------------------------------------------------------------------------
+# The pretraining stream
+# --------------------------------------------------------------------------------------------
+MIX = {"story": 0.4, "qa": 0.3, "add": 0.3}
+
+
+def _sample_document(rng: random.Random, facts: list[Fact], split: Split) -> str | None:
+    """One document of the mix, or None when it belongs to the other split."""
+    kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    if kind == "story":
+        text = make_story(rng).text
+        return text if split_of("story:" + text) == split else None
+    if kind == "qa":
+        fact = rng.choice(facts)
+        answer = fact.short if rng.random() < 0.5 else fact.long
+        # Facts are knowledge the model must have, so every fact is in both streams (a finite set
+        # of ~170 documents): held-out Q&A measures validation loss, not generalisation.
+        in_heldout = rng.random() < 0.1
+        return format_qa(fact.question, answer) if in_heldout == (split == "heldout") else None
+    a, b = rng.randrange(100), rng.randrange(100)
+    if addition_split(a, b) != split:
+        return None
+    return f"{addition_prompt(a, b)} {a + b}"
+
+
+def documents(seed: int, split: Split = "train") -> Iterator[str]:
+    """An endless, deterministic stream of documents of one split."""
+    rng, facts = random.Random(seed), all_facts()
+    while True:
+        doc = _sample_document(rng, facts, split)
+        if doc is not None:
+            yield doc
+
+
+def take(stream: Iterator[str], n: int) -> list[str]:
+    return [next(stream) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Task datasets used by the lessons (written to data/*.jsonl, loaded through `datasets`)
+# --------------------------------------------------------------------------------------------
+def sentiment_examples(n: int, seed: int, split: Split = "train") -> list[dict]:
+    """Story sentiment classification rows: {"story", "label"} with balanced labels."""
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        story = make_story(rng, label="happy" if len(rows) % 2 == 0 else "sad")
+        if split_of("story:" + story.text) == split:
+            rows.append({"story": story.text, "label": story.label})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_jsonl(path: str | Path, required: tuple[str, ...] = ()):
+    """Load a local JSONL file as a ``datasets.Dataset`` (no network), checking required fields.
+
+    A row missing a field is an error that names the file, the row and the field, rather than a
+    silently dropped example.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{i + 1}: row is missing field(s) {missing}; it has {sorted(row)}")
+    return datasets.load_dataset("json", data_files=str(path), split="train")
+
+
+# The sentiment task as lessons pose it. The answer words ("yes"/"no") never occur in the stories,
+# so a model cannot score by copying "happy"/"sad" from the ending: zero-shot sits near chance.
+SENTIMENT_ANSWERS = {"happy": "yes", "sad": "no"}
+
+
+def sentiment_prompt(story: str) -> str:
+    return f"{story}\nQ: Does the story end well?\nA:"

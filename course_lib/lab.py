@@ -1,0 +1,191 @@
+"""The lab runner: ``course-lab [--profile cpu|gpu] [--model NAME_OR_PATH] [--only 00,03] [--out DIR]``.
+
+Executes the lesson notebooks in a fresh Jupyter kernel each, papermill-style: a cell tagged
+``parameters`` holds the defaults, and the runner inserts a cell right after it that overrides
+``PROFILE``, ``MODEL`` and ``METRICS_PATH``. Each notebook reports its headline metrics with
+`record_metrics` into ``METRICS_PATH``; the runner collects them into one summary table, printed
+and written to ``OUT/report.md`` and ``OUT/report.json`` beside the executed notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+# The syllabus: every lesson the course will have, in order. A lesson is available once its
+# notebook exists; the README's syllabus table is generated from this list.
+SYLLABUS = {
+    "00": "Foundations: the embedded model, full fine-tuning, memory, forgetting",
+    "01": "Soft prompts: prompt tuning, prefix tuning, P-tuning",
+    "02": "IA3: learned rescaling vectors, multi-task switching",
+    "03": "LoRA: low-rank adapters, merging, multi-adapter serving",
+    "04": "NF4 quantization and QLoRA",
+    "05": "Instruction templating and supervised fine-tuning (SFT)",
+    "06": "Reward models and PPO (RLHF)",
+    "07": "Direct preference optimization (DPO)",
+    "08": "Group relative policy optimization (GRPO)",
+    "09": "Capstone: choosing and combining techniques",
+}
+
+
+def lesson_notebooks() -> dict[str, Path]:
+    """Available lessons: ``{"00": notebooks/00_foundations.ipynb, ...}``."""
+    return {p.name[:2]: p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))}
+
+
+def record_metrics(path: str | os.PathLike | None, *, headline: str, **metrics) -> dict:
+    """Called by a notebook's last cell: its headline (one short line for the summary table) and
+    the numbers behind it. Without a path (a learner running the notebook by hand) it only returns them."""
+    record = {"headline": headline, "metrics": metrics}
+    if path:
+        Path(path).write_text(json.dumps(record, indent=2, default=float) + "\n")
+    return record
+
+
+@dataclass
+class NotebookResult:
+    lesson: str
+    notebook: str
+    status: str  # ok | error | timeout | kernel died
+    seconds: float
+    headline: str = ""
+    detail: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+def inject_parameters(nb, parameters: dict) -> None:
+    """Insert an ``injected-parameters`` cell after the cell tagged ``parameters`` (papermill's convention)."""
+    import nbformat
+
+    source = "# Parameters injected by course-lab\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    for i, existing in enumerate(nb.cells):
+        if "parameters" in existing.get("metadata", {}).get("tags", []):
+            nb.cells.insert(i + 1, cell)
+            return
+    raise ValueError("the notebook has no cell tagged 'parameters': tag the cell that sets PROFILE and MODEL")
+
+
+def _kernel_env_pythonpath() -> None:
+    """Kernels must import this checkout's course_lib even where it is not pip-installed (the GPU image)."""
+    parts = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict, cell_timeout: int) -> NotebookResult:
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    nb = nbformat.read(path, as_version=4)
+    metrics_path = out_dir / f"{path.stem}.metrics.json"
+    metrics_path.unlink(missing_ok=True)
+    inject_parameters(nb, {**parameters, "METRICS_PATH": str(metrics_path)})
+    client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    status, detail = "ok", ""
+    try:
+        client.execute()
+    except CellTimeoutError:
+        status, detail = "timeout", f"a cell ran over {cell_timeout} s"
+    except DeadKernelError as e:
+        status, detail = "kernel died", str(e).splitlines()[0] if str(e) else ""
+    except CellExecutionError as e:
+        status = "error"
+        detail = f"{e.ename}: {e.evalue}"
+    seconds = time.perf_counter() - start
+    nbformat.write(nb, out_dir / path.name)
+    result = NotebookResult(path.name[:2], path.name, status, round(seconds, 1), detail=detail)
+    if metrics_path.exists():
+        record = json.loads(metrics_path.read_text())
+        result.headline, result.metrics = record["headline"], record["metrics"]
+    elif status == "ok":
+        result.detail = "the notebook did not call record_metrics"
+    return result
+
+
+def format_table(results: list[NotebookResult]) -> str:
+    rows = [("notebook", "status", "seconds", "headline")]
+    rows += [(r.notebook, r.status, f"{r.seconds:.1f}", r.headline or r.detail) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [" | ".join([*(row[i].ljust(widths[i]) for i in range(3)), row[3]]) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths) + "-+-" + "-" * 8)
+    return "\n".join(lines)
+
+
+def parse_only(only: str | None) -> list[str]:
+    available = lesson_notebooks()
+    if not only:
+        return list(available)
+    wanted = [part.strip().zfill(2) for part in only.split(",") if part.strip()]
+    for lesson in wanted:
+        if lesson not in SYLLABUS:
+            raise ValueError(f"--only {lesson}: there is no lesson {lesson}; lessons are 00-09 "
+                             f"(available now: {', '.join(available) or 'none'})")
+        if lesson not in available:
+            raise ValueError(f"--only {lesson}: lesson {lesson} ({SYLLABUS[lesson]}) is planned, not available yet "
+                             f"(available now: {', '.join(available)})")
+    return wanted
+
+
+def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = None,
+            out_dir: Path = ROOT / "lab_runs" / "latest", cell_timeout: int = 600) -> list[NotebookResult]:
+    from tqdm.auto import tqdm
+
+    lessons = parse_only(only)
+    notebooks = lesson_notebooks()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _kernel_env_pythonpath()
+    results = []
+    bar = tqdm(lessons, desc="lab", unit="notebook")
+    for lesson in bar:
+        bar.set_postfix_str(notebooks[lesson].name)
+        results.append(run_notebook(notebooks[lesson], out_dir, {"PROFILE": profile, "MODEL": model}, cell_timeout))
+    bar.close()
+    table = format_table(results)
+    header = f"course-lab · profile {profile} · model {model or 'embedded'} · {time.strftime('%Y-%m-%d %H:%M')}"
+    (out_dir / "report.md").write_text(f"# {header}\n\n```\n{table}\n```\n")
+    (out_dir / "report.json").write_text(json.dumps(
+        {"profile": profile, "model": model, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    print(f"\n{header}\n{table}\n\nexecuted notebooks and report: {out_dir}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="course-lab", description="Run the lesson notebooks and summarise them.")
+    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
+    parser.add_argument("--only", default=None, help="comma-separated lesson numbers, e.g. 00,03")
+    parser.add_argument("--out", type=Path, default=ROOT / "lab_runs" / "latest", help="output folder")
+    parser.add_argument("--cell-timeout", type=int, default=600, help="seconds per cell (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        parse_only(args.only)
+        if args.profile == "gpu":
+            from .profile import get_profile
+
+            get_profile("gpu")
+        if args.model is not None and not Path(args.model).expanduser().exists():
+            from .models import _looks_like_path
+
+            if _looks_like_path(args.model):
+                raise ValueError(f"--model {args.model}: no such folder")
+    except (ValueError, RuntimeError) as e:
+        print(f"course-lab: error: {e}", file=sys.stderr)
+        return 2
+    results = run_lab(args.profile, args.model, args.only, args.out, args.cell_timeout)
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Memory: the seed's back-of-the-envelope formula, and what a run really takes.
+
+The seed estimates serving memory as ``params × 4 B / (32 / bits) × 1.2`` — the weights at the
+given precision plus 20 % overhead. `estimate_serving_memory_gb` is that formula;
+`measure_peak_memory` measures the peak of a piece of code (CUDA allocator peak on a GPU, the
+process' peak resident set on a CPU) so the lessons can put the two side by side.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+GB = 1e9  # the seed's "GB" is decimal: 7e9 params × 2 B × 1.2 = 16.8 GB ("around 17 GB")
+
+
+def estimate_serving_memory_gb(n_params: float, bits: int = 16, overhead: float = 1.2) -> float:
+    """The seed's formula: ``n_params × 4 bytes / (32 / bits) × overhead``, in GB (1e9 bytes)."""
+    if bits <= 0 or bits > 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    return n_params * 4 / (32 / bits) * overhead / GB
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class PeakMemory:
+    peak_bytes: int  # above the level at the start
+    method: str
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / 1e6
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def _rss_kb(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in {_STATUS}")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux lets a process reset its own peak RSS (VmHWM) by writing 5 to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[Any, PeakMemory]:
+    """Run ``fn()`` and return ``(result, PeakMemory)``: how far memory rose above where it started."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, PeakMemory(torch.cuda.max_memory_allocated(device) - start, "cuda max_memory_allocated")
+    if _STATUS.exists() and _reset_peak_rss():
+        start = _rss_kb("VmRSS")
+        result = fn()
+        return result, PeakMemory(max(0, _rss_kb("VmHWM") - start) * 1024, "peak RSS (VmHWM)")
+    return _sampled_peak(fn)
+
+
+def _sampled_peak(fn: Callable[[], Any]) -> tuple[Any, PeakMemory]:
+    """Fallback where VmHWM cannot be reset: sample RSS every millisecond in a thread."""
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    start = proc.memory_info().rss
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return result, PeakMemory(max(0, peak[0] - start), "sampled RSS")

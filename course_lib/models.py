@@ -1,0 +1,125 @@
+"""Load the embedded model, a local checkpoint, or (GPU lab) a hub model — one function for all.
+
+``load_model(None)`` is the course's embedded Llama (data/embedded, checked against its recorded
+checksums); a path loads a local transformers checkpoint; anything else is a hub id, which fails
+within seconds and says what to do when this machine is offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .pretrain import EMBEDDED_DIR, checksums
+
+QUANTIZATIONS = (None, "bnb-nf4")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight (embedding = output head) counts once."""
+    params = list(model.parameters())  # parameters() already yields each shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def verify_embedded(folder: Path = EMBEDDED_DIR) -> None:
+    """Raise if the committed weights or tokenizer differ from the checksums pretraining recorded."""
+    report = folder / "pretrain_report.json"
+    if not (folder / "model.safetensors").is_file() or not report.is_file():
+        raise FileNotFoundError(
+            f"the embedded model is missing from {folder}: restore data/ from git, or regenerate it "
+            f"with `python -m course_lib.pretrain`")
+    expected = json.loads(report.read_text())["checksums"]
+    actual = checksums(folder)
+    bad = [name for name in expected if expected[name] != actual[name]]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} in {folder} do(es) not match the checksum in pretrain_report.json: "
+                         f"restore the files from git, or regenerate with `python -m course_lib.pretrain`")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else, or whose first part is a local
+    folder (``data/embeded``), is a mistyped path rather than a hub id."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name.split("/")[0]).is_dir() and "/" in name)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str) -> OSError:
+    return OSError(
+        f"cannot load {name!r}: it is not a local folder, and the Hugging Face Hub cannot be reached "
+        f"(offline, or HF_HUB_OFFLINE=1). Download it on a connected machine "
+        f"(`hf download {name} --local-dir DIR`) and pass DIR, or pass None for the embedded model.")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, quantization: str | None = None):
+    """Return ``(model, tokenizer)``.
+
+    * ``dtype`` defaults to float32: a bf16 checkpoint would otherwise load as bf16, which trains
+      badly and slowly on most CPUs.
+    * ``quantization="bnb-nf4"`` loads the linear layers in 4-bit NF4 through bitsandbytes
+      (the library the QLoRA lesson compares against).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or torch.float32
+    kwargs: dict = {"dtype": dtype}
+    if quantization == "bnb-nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+    if name_or_path is None:
+        verify_embedded()
+        source = str(EMBEDDED_DIR)
+    else:
+        name = os.fspath(name_or_path)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} is a folder but holds no config.json: not a transformers checkpoint")
+            source = str(path)
+        elif _looks_like_path(name):
+            raise FileNotFoundError(f"no model folder at {path.resolve()} (check the path; None loads the embedded model)")
+        else:  # a hub id: try the local cache first, then the network, failing fast when offline
+            source = name
+            try:
+                return _finish(AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs),
+                               AutoTokenizer.from_pretrained(name, local_files_only=True), device, quantization)
+            except OSError:
+                if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+                    raise _offline_error(name) from None
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return _finish(model, tokenizer, device, quantization)
+
+
+def _finish(model, tokenizer, device: torch.device, quantization: str | None):
+    if tokenizer.pad_token is None:
+        # Many hub models ship no pad token; reusing eos is the usual fix, but remember that then
+        # "last non-pad token" logic (reward models) must not treat the real eos as padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    if quantization is None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,54 @@
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from course_lib.build import BuildError, build, build_notebook, strip_solutions
+
+from .conftest import ROOT
+
+
+def test_strip_keeps_indentation_and_names_the_exercise():
+    source = "def f(x):\n    ### BEGIN SOLUTION 00.9\n    return x + 1\n    ### END SOLUTION\n\nprint(1)\n"
+    assert strip_solutions(source, "nb") == (
+        'def f(x):\n    raise NotImplementedError("Exercise 00.9: replace this line with your code")\n\nprint(1)\n')
+
+
+@pytest.mark.parametrize("source, message", [
+    ("### BEGIN SOLUTION\nx = 1\n", "never closed"),
+    ("x = 1\n### END SOLUTION\n", "END SOLUTION without a BEGIN"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n", "inside another"),
+])
+def test_unbalanced_markers_are_errors(source, message):
+    with pytest.raises(BuildError, match=message):
+        strip_solutions(source, "nb")
+
+
+def test_committed_exercises_are_up_to_date():
+    assert build(ROOT, check=True) == []
+
+
+def test_generated_exercises_hold_no_solution_and_no_output():
+    for solution in sorted((ROOT / "solutions").glob("*.ipynb")):
+        nb = nbformat.reads(build_notebook(solution), as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "BEGIN SOLUTION" not in code and "NotImplementedError" in code
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert nb.metadata["course"]["lesson"] == solution.name[:2]
+
+
+def test_check_fails_when_a_solution_changes(tmp_path):
+    for folder in ("solutions", "exercises"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    cmd = [sys.executable, "-m", "course_lib.build", "--check", "--root", str(tmp_path)]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    solution = sorted((tmp_path / "solutions").glob("*.ipynb"))[0]
+    nb = nbformat.read(solution, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A new explanation."))
+    nbformat.write(nb, solution)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1 and f"exercises/ is stale: {solution.name}" in out.stderr
+    subprocess.run(cmd[:-3] + ["--root", str(tmp_path)], check=True, capture_output=True)  # rebuild
+    assert subprocess.run(cmd, capture_output=True).returncode == 0

@@ -1,0 +1,112 @@
+"""course-grade end to end, in real kernels: full marks for the solutions, zero for the untouched
+exercises, and a clear verdict — never a grader traceback — for notebooks that break."""
+
+import json
+import subprocess
+import time
+
+import nbformat
+import pytest
+
+from course_lib.grading.runner import grade_notebook
+
+from .conftest import ROOT
+
+MEMORY_OK = "def estimate_memory_gb(n_params, bits):\n    return n_params * 4 / (32 / bits) * 1.2 / 1e9"
+
+
+def notebook(tmp_path, *sources, name="00_attempt.ipynb"):
+    path = tmp_path / name
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]), path)
+    return path
+
+
+def by_id(card):
+    return {r.id: r for r in card.results}
+
+
+@pytest.mark.slow
+def test_solutions_score_full_marks():
+    card = grade_notebook(ROOT / "solutions" / "00_foundations.ipynb")
+    assert card.score == card.total == 4, card.format()
+    assert not card.problems
+
+
+@pytest.mark.slow
+def test_untouched_exercises_score_zero_with_not_implemented_feedback():
+    card = grade_notebook(ROOT / "exercises" / "00_foundations.ipynb")
+    assert card.score == 0 and card.total == 4
+    assert all("not implemented" in r.feedback for r in card.results), card.format()
+
+
+def test_a_raising_cell_does_not_stop_the_grading(tmp_path):
+    card = grade_notebook(notebook(tmp_path, "raise ValueError('oops')", MEMORY_OK))
+    results = by_id(card)
+    assert results["00.2"].passed
+    assert "is not defined" in results["00.1"].feedback
+    assert any("raised ValueError: oops" in p for p in card.problems)
+
+
+def test_an_endless_loop_gets_a_verdict_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    card = grade_notebook(notebook(tmp_path, "while True:\n    pass", MEMORY_OK), timeout=30, cell_timeout=4)
+    assert time.monotonic() - start < 40
+    assert any(p.startswith("cell 1 ('while True:') ran over the time limit") and "endless loop" in p
+               for p in card.problems), card.problems
+    assert by_id(card)["00.2"].passed  # the cells after the loop still ran
+
+
+def test_an_endless_loop_inside_a_checked_function(tmp_path):
+    looping = "def estimate_memory_gb(n_params, bits):\n    while True:\n        pass"
+    card = grade_notebook(notebook(tmp_path, looping), timeout=30, cell_timeout=4)
+    feedback = by_id(card)["00.2"].feedback
+    assert not by_id(card)["00.2"].passed and "time limit" in feedback, feedback
+
+
+def test_sys_exit_is_a_problem_not_a_crash(tmp_path):
+    card = grade_notebook(notebook(tmp_path, "import sys\nsys.exit(3)", MEMORY_OK))
+    assert any("SystemExit" in p for p in card.problems), card.problems
+    assert by_id(card)["00.2"].passed
+
+
+def test_a_dead_kernel_is_reported(tmp_path):
+    card = grade_notebook(notebook(tmp_path, MEMORY_OK, "import os\nos._exit(1)"))
+    assert any("kernel died while running cell 2" in p for p in card.problems), card.problems
+    assert card.score == 0
+    assert all("not graded" in r.feedback for r in card.results)
+
+
+def test_huge_output_is_truncated_and_graded(tmp_path):
+    card = grade_notebook(notebook(tmp_path, "print('x' * 5_000_000)", MEMORY_OK))
+    assert by_id(card)["00.2"].passed
+
+
+def run_cli(*args):
+    return subprocess.run(["course-grade", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("missing.ipynb", "no such file"),
+    ("pyproject.toml", "not a notebook"),
+])
+def test_cli_bad_paths_are_one_line_errors(target, message):
+    out = run_cli(ROOT / target)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_cli_invalid_notebook_and_unknown_lesson(tmp_path):
+    broken = tmp_path / "00_broken.ipynb"
+    broken.write_text("{not json")
+    out = run_cli(broken)
+    assert out.returncode == 2 and "not a valid notebook" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(notebook(tmp_path, "x = 1", name="99_nothing.ipynb"))
+    assert out.returncode == 2 and "lesson 99 has no exercises" in out.stderr
+
+
+def test_cli_json_scorecard_and_exit_code(tmp_path):
+    out = run_cli(notebook(tmp_path, MEMORY_OK), "--json")
+    card = json.loads(out.stdout)
+    assert out.returncode == 1  # not everything passed
+    assert card["score"] == 1 and card["total"] == 4
+    assert [r["id"] for r in card["results"]] == ["00.1", "00.2", "00.3", "00.4"]

@@ -1,0 +1,82 @@
+import json
+import subprocess
+
+import nbformat
+import pytest
+
+from course_lib.lab import SYLLABUS, format_table, inject_parameters, lesson_notebooks, run_notebook
+
+
+def run_cli(*args):
+    return subprocess.run(["course-lab", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "99"], "there is no lesson 99"),
+    (["--only", "07"], "lesson 07 (Direct preference optimization (DPO)) is planned"),
+    (["--model", "./no/such/model"], "no such folder"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_gpu_profile_without_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so the gpu profile is valid")
+    out = run_cli("--profile", "gpu", "--only", "00")
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+
+
+def test_syllabus_has_ten_lessons_and_available_ones_exist():
+    assert list(SYLLABUS) == [f"{i:02d}" for i in range(10)]
+    assert "00" in lesson_notebooks()
+
+
+def _lab_notebook(tmp_path, tagged=True):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('PROFILE = "cpu"\nMODEL = None\nMETRICS_PATH = None',
+                                  metadata={"tags": ["parameters"] if tagged else []}),
+        nbformat.v4.new_code_cell("from course_lib.lab import record_metrics\n"
+                                  "record_metrics(METRICS_PATH, headline=f'model={MODEL}', value=42)"),
+    ])
+    path = tmp_path / "00_demo.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_parameters_are_injected_and_metrics_collected(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_notebook(_lab_notebook(tmp_path), out, {"PROFILE": "cpu", "MODEL": "some/model"}, 60)
+    assert result.status == "ok", result
+    assert result.headline == "model=some/model" and result.metrics == {"value": 42}
+    executed = nbformat.read(out / "00_demo.ipynb", as_version=4)
+    assert "injected-parameters" in executed.cells[1].metadata.tags
+    table = format_table([result])
+    assert "00_demo.ipynb" in table and "model=some/model" in table
+
+
+def test_a_failing_notebook_is_reported(tmp_path):
+    path = _lab_notebook(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
+    nbformat.write(nb, path)
+    result = run_notebook(path, tmp_path, {"PROFILE": "cpu", "MODEL": None}, 60)
+    assert result.status == "error" and "RuntimeError: boom" in result.detail
+
+
+def test_untagged_notebook_is_a_clear_error(tmp_path):
+    nb = nbformat.read(_lab_notebook(tmp_path, tagged=False), as_version=4)
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        inject_parameters(nb, {"PROFILE": "cpu"})
+
+
+def test_bench_cli_says_what_is_coming():
+    out = subprocess.run(["course-bench"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "lora arrives with lesson 03" in out.stdout
+    out = subprocess.run(["course-bench", "nf4"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "arrives with lesson 04" in out.stderr

@@ -1,0 +1,30 @@
+import pytest
+
+from course_lib.templates import tokenize_prompt_and_completion
+
+
+def test_labels_mask_prompt_and_padding(embedded):
+    _, tok = embedded
+    batch = tokenize_prompt_and_completion(["Q: What color is the sky?\nA:", "Q: Hi?\nA:"],
+                                           [" The sky is blue.", " Hello."], tok)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape
+    for row, (prompt, completion) in enumerate([("Q: What color is the sky?\nA:", " The sky is blue."),
+                                                ("Q: Hi?\nA:", " Hello.")]):
+        n_prompt = len(tok(prompt)["input_ids"])
+        n = int(mask[row].sum())
+        assert (labels[row, :n_prompt] == -100).all() and (labels[row, n:] == -100).all()
+        assert (ids[row, n:] == tok.pad_token_id).all()
+        trained = labels[row, n_prompt:n].tolist()
+        assert trained[-1] == tok.eos_token_id
+        assert tok.decode(trained[:-1]) == completion
+
+
+def test_bad_rows_are_named(embedded):
+    _, tok = embedded
+    with pytest.raises(ValueError, match="row 1: empty completion"):
+        tokenize_prompt_and_completion(["a", "b"], [" x", ""], tok)
+    with pytest.raises(ValueError, match=r"row 0: \d+ tokens .* over max_length=3"):
+        tokenize_prompt_and_completion(["a long prompt here"], [" x"], tok, max_length=3)
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        tokenize_prompt_and_completion(["a", "b"], [" x"], tok)
