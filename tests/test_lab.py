@@ -77,6 +77,6 @@ def test_untagged_notebook_is_a_clear_error(tmp_path):
 
 def test_bench_cli_says_what_is_coming():
     out = subprocess.run(["course-bench"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "lora arrives with lesson 03" in out.stdout
+    assert out.returncode == 0 and "benchmarks: lora" in out.stdout and "nf4 arrives with lesson 04" in out.stdout
     out = subprocess.run(["course-bench", "nf4"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "arrives with lesson 04" in out.stderr

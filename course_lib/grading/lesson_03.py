@@ -1,0 +1,107 @@
+"""Hidden checks for lesson 03 (LoRA). References: course_lib.lora, itself tested against peft."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import CheckFailed, Exercise, expect
+
+
+def _tensors(seed: int, out_f: int = 6, in_f: int = 5, r: int = 3, batch: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 7, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen),
+            torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------
+# 03.1 lora_forward(x, W, A, B, alpha, r) = x Wᵀ + (alpha / r) · x Aᵀ Bᵀ
+# ---------------------------------------------------------------------------------------------
+def check_lora_forward(lora_forward) -> str:
+    for seed, alpha, r in [(0, 16.0, 3), (1, 3.0, 3)]:
+        x, W, A, B = _tensors(seed, r=r)
+        base, update = x @ W.T, x @ A.T @ B.T
+        got = lora_forward(x, W, A, B, alpha, r)
+        expect(got, base + alpha / r * update, what=f"output for alpha={alpha}, r={r}", mistakes={
+            "the update is scaled by alpha; LoRA scales it by alpha / r": base + alpha * update,
+            "the scaling is inverted: use alpha / r, not r / alpha": base + r / alpha * update,
+            "the frozen path W x is missing: LoRA adds its update to the base layer's output": alpha / r * update,
+            "the update is not scaled at all: multiply B A x by alpha / r": base + update,
+        })
+    return "h = W x + (α/r) · B A x"
+
+
+# ---------------------------------------------------------------------------------------------
+# 03.2 init_lora(in_features, out_features, r) -> (A, B)
+# ---------------------------------------------------------------------------------------------
+def check_init_lora(init_lora) -> str:
+    torch.manual_seed(0)
+    A, B = init_lora(64, 48, 8)
+    if tuple(A.shape) == (64, 8) and tuple(B.shape) == (8, 48):
+        raise CheckFailed("A and B are transposed: A is (r, in_features) = (8, 64), B is (out_features, r) = (48, 8)")
+    if tuple(A.shape) != (8, 64) or tuple(B.shape) != (48, 8):
+        raise CheckFailed(f"expected A (8, 64) and B (48, 8), got {tuple(A.shape)} and {tuple(B.shape)}")
+    if torch.count_nonzero(B) != 0:
+        raise CheckFailed("B must start at zero, so that the adapted model starts exactly equal to the base model")
+    if torch.count_nonzero(A) == 0:
+        raise CheckFailed("A must not start at zero: with A = 0 and B = 0 both gradients are zero and nothing trains")
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=√5) on fan_in = 64, as nn.Linear initialises
+    if A.abs().max() > bound * 1.0001 or A.abs().max() < bound * 0.8:
+        raise CheckFailed(f"A should be Kaiming-uniform with a=√5 (values in ±1/√in_features = ±{bound:.3f}); "
+                          f"yours reach {A.abs().max():.3f}: use nn.init.kaiming_uniform_(A, a=math.sqrt(5))")
+    if not (A.requires_grad and B.requires_grad):
+        raise CheckFailed("A and B must be trainable (nn.Parameter or requires_grad=True)")
+    return "A Kaiming-uniform, B zero: training starts from the base model"
+
+
+# ---------------------------------------------------------------------------------------------
+# 03.3 merge_weight(W, A, B, alpha, r) -> W + (alpha / r) · B A
+# ---------------------------------------------------------------------------------------------
+def check_merge_weight(merge_weight) -> str:
+    _, W, A, B = _tensors(2, out_f=5, in_f=5, r=2)  # square, so a transposed merge still has the right shape
+    W_copy = W.clone()
+    got = merge_weight(W, A, B, 8.0, 2)
+    if not torch.equal(W, W_copy):
+        raise CheckFailed("merge_weight changed W in place: return a new tensor, the caller may still need W")
+    delta = B @ A
+    expect(got, W + 4.0 * delta, what="merged weight", mistakes={
+        "you merged the transpose: the update of an (out, in) weight is B @ A, not (B @ A)ᵀ = Aᵀ Bᵀ": W + 4.0 * delta.T,
+        "the merged update must carry the same alpha / r scaling as the forward pass": W + delta,
+        "the scaling is alpha / r, not alpha": W + 8.0 * delta,
+    })
+    return "W' = W + (α/r) B A: the merged layer costs no extra inference time"
+
+
+# ---------------------------------------------------------------------------------------------
+# 03.4 mixed_lora_delta(x, A_stack, B_stack, scalings, adapter_index)
+# ---------------------------------------------------------------------------------------------
+def check_mixed_lora_delta(mixed_lora_delta) -> str:
+    gen = torch.Generator().manual_seed(3)
+    K, r, d_in, d_out, T = 3, 2, 4, 6, 5
+    A_stack, B_stack = torch.randn(K, r, d_in, generator=gen), torch.randn(K, d_out, r, generator=gen)
+    scalings = torch.tensor([1.0, 0.5, 2.0])
+    index = torch.tensor([2, -1, 0, 2, 1])  # -1: this row uses no adapter
+    x = torch.randn(len(index), T, d_in, generator=gen)
+    expected = torch.zeros(len(index), T, d_out)
+    for row, k in enumerate(index.tolist()):
+        if k >= 0:
+            expected[row] = scalings[k] * x[row] @ A_stack[k].T @ B_stack[k].T
+    negative_wraps = torch.stack([scalings[k] * x[row] @ A_stack[k].T @ B_stack[k].T
+                                  for row, k in enumerate(index.tolist())])
+    same_adapter = torch.stack([scalings[index[0]] * x[row] @ A_stack[index[0]].T @ B_stack[index[0]].T
+                                for row in range(len(index))])
+    got = mixed_lora_delta(x, A_stack, B_stack, scalings, index)
+    expect(got, expected, what="mixed-batch update", mistakes={
+        "rows with index -1 must get a zero update; indexing a stack with -1 picks the *last* adapter": negative_wraps,
+        "every row got the first row's adapter: gather A, B and the scaling per row": same_adapter,
+    })
+    return "each row used its own adapter, -1 rows none"
+
+
+EXERCISES = [
+    Exercise("03.1", "LoRA forward with scaling", ("lora_forward",), check_lora_forward),
+    Exercise("03.2", "LoRA initialisation", ("init_lora",), check_init_lora),
+    Exercise("03.3", "merge an adapter into W", ("merge_weight",), check_merge_weight),
+    Exercise("03.4", "per-row adapters in one batch", ("mixed_lora_delta",), check_mixed_lora_delta),
+]

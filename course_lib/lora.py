@@ -1,0 +1,313 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update.
+
+    h = W₀ x + s · B A dropout(x)          (paper eq. 3; A: (r, in), B: (out, r), s = α / r)
+
+A starts like an ``nn.Linear`` weight (Kaiming-uniform, a = √5) and B at zero, so training starts
+from the pretrained model exactly. rsLoRA (Kalajdzievski 2023) uses s = α / √r, which keeps the
+update's scale stable as r grows.
+
+The module's shape follows peft's ``tuners/lora``: layer · inject · merge · save, with the same
+attribute and file key names, so adapters move between course_lib and peft unchanged
+(tests/test_lora.py checks logits, initialisation and merged weights against peft).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .kernels.multi_lora import lora_mixed_delta
+
+BASE = "__base__"  # per-row adapter name meaning "no adapter" (peft's convention)
+
+
+class LoRALinear(nn.Module):
+    """``base_layer`` (frozen ``nn.Linear``) plus any number of named LoRA adapters, one active."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.row_adapters: list[str] | None = None  # set by `mixed_batch` for per-row serving
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        if not isinstance(r, int) or r <= 0 or r > min(self.in_features, self.out_features):
+            raise ValueError(f"LoRA rank r={r} must be an integer in 1..min(in, out) = "
+                             f"{min(self.in_features, self.out_features)} for this layer "
+                             f"({self.in_features} → {self.out_features})")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        A = torch.empty(r, self.in_features, device=weight.device, dtype=weight.dtype)
+        B = torch.empty(self.out_features, r, device=weight.device, dtype=weight.dtype)
+        # Consume the random stream exactly as peft does (nn.Linear default init of A, then of B,
+        # then A re-initialised, B zeroed), so the same seed gives the same adapter.
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A, the (out, in) update this adapter adds to W₀."""
+        return self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(A.dtype))
+        return (x @ A.T) @ B.T * self.scaling[name]  # (..., in) → (..., r) → (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, T, out)
+        if self.row_adapters is not None:
+            return result + mixed_lora_delta(self, x, self.row_adapters).to(result.dtype)
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return result
+        return result + self.lora_output(x, name).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        name = name or self.active_adapter
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is already merged into this layer: unmerge it first")
+        self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or self.active_adapter
+        if name not in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is not merged into this layer, so it cannot be unmerged")
+        self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        ranks = {n: tuple(a.shape)[0] for n, a in self.lora_A.items()}
+        return f"adapters(rank)={ranks}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]) -> torch.Tensor:
+    """The LoRA term for a batch whose rows use different adapters, in one gathered batched matmul.
+
+    Adapters of different ranks are zero-padded to the largest rank (padding adds exact zeros), the
+    scaling is folded into B, and each row gathers its own (A, B): no Python loop over rows
+    (`course_lib.kernels.multi_lora`: a Triton kernel on CUDA, an einsum elsewhere).
+    ``__base__`` rows use an all-zero slot, so they get a zero update.
+    """
+    if len(row_adapters) != x.shape[0]:
+        raise ValueError(f"{len(row_adapters)} adapter names for a batch of {x.shape[0]} rows")
+    names = list(layer.lora_A)
+    unknown = sorted({n for n in row_adapters if n != BASE and n not in layer.lora_A})
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; this layer has {names} (or {BASE!r} for none)")
+    r_max = max(a.shape[0] for a in layer.lora_A.values())
+    ref = layer.lora_A[names[0]]
+    A_all = torch.zeros(len(names) + 1, r_max, layer.in_features, device=ref.device, dtype=ref.dtype)
+    B_all = torch.zeros(len(names) + 1, layer.out_features, r_max, device=ref.device, dtype=ref.dtype)
+    for k, name in enumerate(names):  # slot len(names) stays zero: the base model
+        r = layer.lora_A[name].shape[0]
+        A_all[k, :r] = layer.lora_A[name]
+        B_all[k, :, :r] = layer.lora_B[name] * layer.scaling[name]
+    index = torch.tensor([names.index(n) if n != BASE else len(names) for n in row_adapters], device=x.device)
+    flat = x.to(ref.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in) whatever the middle dims
+    delta = lora_mixed_delta(flat, A_all, B_all, index, base_slot=len(names))  # (B, T, out)
+    return delta.reshape(*x.shape[:-1], layer.out_features)
+
+
+# ------------------------------------------------------------------------------------------------
+# Injection
+# ------------------------------------------------------------------------------------------------
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules to adapt: exact names or name suffixes (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``), or ``"all-linear"`` = every Linear but the output head."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
+               and not _inside_lora(name)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        return [n for n in linears if n not in heads]
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+    if missing:
+        suffixes = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(f"target module(s) {missing} match no nn.Linear in the model; "
+                         f"linear layer names are {suffixes}")
+    return found
+
+
+def _inside_lora(name: str) -> bool:
+    return ".base_layer" in name or re.search(r"\.lora_[AB]\b", name) is not None
+
+
+def add_lora(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v_proj"), r: int = 8,
+             alpha: float = 8, dropout: float = 0.0, rslora: bool = False, adapter_name: str = "default",
+             freeze: bool = True) -> list[str]:
+    """Wrap the target linears in :class:`LoRALinear` (once) and add adapter ``adapter_name``.
+
+    Freezes every other parameter (``freeze``) so only LoRA weights train. Returns the adapted
+    module names. Defaults are peft's (r = 8, α = 8, q_proj and v_proj for Llama).
+    """
+    names = find_targets(model, target_modules)
+    if freeze:
+        model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            setattr(parent, child, layer)
+        layer.add_adapter(adapter_name, r, alpha, dropout, rslora)
+    model._lora_config = getattr(model, "_lora_config", {})
+    model._lora_config[adapter_name] = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                                        "use_rslora": rslora, "target_modules": sorted({n.split(".")[-1] for n in names})}
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call add_lora first")
+    return layers
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter everywhere (None: run the base model)."""
+    for _, layer in _require_layers(model):
+        if name is not None and name not in layer.lora_A:
+            raise KeyError(f"unknown adapter {name!r}; the model has {list(layer.lora_A)}")
+        layer.active_adapter = name
+
+
+def merge_lora(model: nn.Module, name: str | None = None) -> None:
+    """W₀ ← W₀ + s·BA in every adapted layer: afterwards inference costs what the base model costs."""
+    for _, layer in _require_layers(model):
+        layer.merge(name)
+
+
+def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
+    for _, layer in _require_layers(model):
+        layer.unmerge(name)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]):
+    """Serve a batch whose row i uses adapter ``adapter_names[i]`` (``"__base__"`` for none)."""
+    layers = _require_layers(model)
+    for _, layer in layers:
+        if layer.merged_adapters:
+            raise RuntimeError("unmerge the adapters before serving mixed batches (merged weights are shared by all rows)")
+        layer.row_adapters = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.row_adapters = None
+
+
+# ------------------------------------------------------------------------------------------------
+# peft-format save / load
+# ------------------------------------------------------------------------------------------------
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's key names: ``base_model.model.<module path>.lora_A.weight`` (adapter name dropped)."""
+    out = {}
+    for name, layer in _require_layers(model):
+        if adapter_name in layer.lora_A:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach().contiguous()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach().contiguous()
+    if not out:
+        raise KeyError(f"no adapter named {adapter_name!r} in the model")
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "_lora_config", {}).get(adapter_name)
+    if config is None:
+        raise KeyError(f"no adapter named {adapter_name!r} was added with add_lora")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, **config}, indent=2) + "\n")
+    save_file(lora_state_dict(model, adapter_name), directory / "adapter_model.safetensors")
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
+    """Add the adapter saved in ``directory`` (by course_lib or peft) to ``model``; returns the adapted layers."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not LoRA")
+    tensors = load_file(directory / "adapter_model.safetensors")
+    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    known = dict(model.named_modules())
+    absent = [m for m in modules if m not in known]
+    if absent:
+        raise ValueError(f"the adapter in {directory} was saved for another model: it adapts {absent[:3]}, "
+                         f"which this model does not have")
+    names = add_lora(model, modules, r=config["r"], alpha=config["lora_alpha"],
+                     dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False),
+                     adapter_name=adapter_name)
+    for name in names:
+        layer: LoRALinear = model.get_submodule(name)
+        for part in ("A", "B"):
+            saved = tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"]
+            param = getattr(layer, f"lora_{part}")[adapter_name]
+            if saved.shape != param.shape:
+                raise ValueError(f"{name}.lora_{part}: saved shape {tuple(saved.shape)} does not fit this "
+                                 f"model's {tuple(param.shape)} (another base model or rank?)")
+            with torch.no_grad():
+                param.copy_(saved)
+    return names

@@ -1,0 +1,117 @@
+"""Lesson 03's hidden checks: right answers pass, a catalogue of plausible LoRA mistakes is caught by name."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.grading import find_exercise, run_exercise
+
+
+def fwd_ok(x, W, A, B, alpha, r):
+    return x @ W.T + (alpha / r) * (x @ A.T) @ B.T
+
+
+def init_ok(i, o, r):
+    A = nn.Parameter(torch.empty(r, i))
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return A, nn.Parameter(torch.zeros(o, r))
+
+
+def merge_ok(W, A, B, alpha, r):
+    return W + alpha / r * B @ A
+
+
+def mixed_ok(x, A, B, s, idx):
+    safe = idx.clamp(min=0)
+    out = torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A[safe]), B[safe]) * s[safe, None, None]
+    return out * (idx >= 0)[:, None, None]
+
+
+RIGHT = {"03.1": fwd_ok, "03.2": init_ok, "03.3": merge_ok, "03.4": mixed_ok}
+
+
+def fwd_alpha(x, W, A, B, alpha, r):
+    return x @ W.T + alpha * (x @ A.T) @ B.T
+
+
+def fwd_no_base(x, W, A, B, alpha, r):
+    return (alpha / r) * (x @ A.T) @ B.T
+
+
+def fwd_inverted(x, W, A, B, alpha, r):
+    return x @ W.T + (r / alpha) * (x @ A.T) @ B.T
+
+
+def init_B_random(i, o, r):
+    A, _ = init_ok(i, o, r)
+    return A, nn.Parameter(torch.randn(o, r) * 0.01)
+
+
+def init_both_zero(i, o, r):
+    return nn.Parameter(torch.zeros(r, i)), nn.Parameter(torch.zeros(o, r))
+
+
+def init_transposed(i, o, r):
+    A, B = init_ok(i, o, r)
+    return A.T, B.T
+
+
+def init_gaussian(i, o, r):
+    return nn.Parameter(torch.randn(r, i)), nn.Parameter(torch.zeros(o, r))
+
+
+def init_frozen(i, o, r):
+    A, B = init_ok(i, o, r)
+    return A.detach(), B.detach()
+
+
+def merge_transposed(W, A, B, alpha, r):
+    return W + alpha / r * (B @ A).T
+
+
+def merge_unscaled(W, A, B, alpha, r):
+    return W + B @ A
+
+
+def merge_in_place(W, A, B, alpha, r):
+    W += alpha / r * B @ A
+    return W
+
+
+def mixed_negative_index(x, A, B, s, idx):
+    return torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A[idx]), B[idx]) * s[idx, None, None]
+
+
+def mixed_first_row(x, A, B, s, idx):
+    k = idx[0]
+    return (x @ A[k].T @ B[k].T) * s[k]
+
+
+def mixed_wrong_B(x, A, B, s, idx):  # B gathered with a shifted index
+    safe = idx.clamp(min=0)
+    out = torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A[safe]), B[(safe + 1) % len(B)])
+    return out * s[safe, None, None] * (idx >= 0)[:, None, None]
+
+
+CATALOGUE = [
+    ("03.1", fwd_alpha, "alpha / r"), ("03.1", fwd_no_base, "frozen path"), ("03.1", fwd_inverted, "inverted"),
+    ("03.2", init_B_random, "B must start at zero"), ("03.2", init_both_zero, "nothing trains"),
+    ("03.2", init_transposed, "transposed"), ("03.2", init_gaussian, "Kaiming-uniform"),
+    ("03.2", init_frozen, "trainable"),
+    ("03.3", merge_transposed, "transpose"), ("03.3", merge_unscaled, "scaling"), ("03.3", merge_in_place, "in place"),
+    ("03.4", mixed_negative_index, "-1"), ("03.4", mixed_first_row, "first row"), ("03.4", mixed_wrong_B, "expected"),
+]
+
+
+@pytest.mark.parametrize("exercise_id", sorted(RIGHT))
+def test_right_answers_pass(exercise_id):
+    result = run_exercise(find_exercise(exercise_id), [RIGHT[exercise_id]])
+    assert result.passed, result.feedback
+
+
+@pytest.mark.parametrize("exercise_id, wrong, phrase", CATALOGUE, ids=[w.__name__ for _, w, _ in CATALOGUE])
+def test_plausible_mistakes_are_caught_and_named(exercise_id, wrong, phrase):
+    result = run_exercise(find_exercise(exercise_id), [wrong])
+    assert not result.passed and phrase in result.feedback, result.feedback
