@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("triton", reason="triton is part of the test extra; install it to check the kernels")
+
 
 MULTI_LORA = textwrap.dedent('''
     import torch
