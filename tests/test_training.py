@@ -79,3 +79,27 @@ def test_bad_configs_and_models_are_clear_errors():
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(tiny_llama(), _batches(), TrainConfig(steps=1, progress=False),
               loss_fn=lambda m, b: m(**b).loss * float("nan"))
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_training_on_cpu(tmp_path):
+    """The loop switches to accelerate (DDP, gloo on CPU) when launched with several processes;
+    with the same batch on both ranks the averaged gradient equals the single-process one."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = ROOT / "tests" / "scripts" / "ddp_train.py"
+    torchrun = [shutil.which("torchrun") or sys.executable, *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
+    out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in runs) == [0, 1] and all(r["world"] == 2 for r in runs)
+    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    expected = json.loads(single.stdout.strip().splitlines()[-1])["loss"]
+    for run in runs:
+        assert run["loss"] == pytest.approx(expected, rel=1e-5)
