@@ -25,17 +25,22 @@ def by_id(card):
     return {r.id: r for r in card.results}
 
 
+SOLUTIONS = sorted(p.name for p in (ROOT / "solutions").glob("*.ipynb"))
+
+
 @pytest.mark.slow
-def test_solutions_score_full_marks():
-    card = grade_notebook(ROOT / "solutions" / "00_foundations.ipynb")
-    assert card.score == card.total == 4, card.format()
+@pytest.mark.parametrize("name", SOLUTIONS)
+def test_solutions_score_full_marks(name):
+    card = grade_notebook(ROOT / "solutions" / name)
+    assert card.score == card.total >= 3, card.format()
     assert not card.problems
 
 
 @pytest.mark.slow
-def test_untouched_exercises_score_zero_with_not_implemented_feedback():
-    card = grade_notebook(ROOT / "exercises" / "00_foundations.ipynb")
-    assert card.score == 0 and card.total == 4
+@pytest.mark.parametrize("name", SOLUTIONS)
+def test_untouched_exercises_score_zero_with_not_implemented_feedback(name):
+    card = grade_notebook(ROOT / "exercises" / name)
+    assert card.score == 0 and card.total >= 3
     assert all("not implemented" in r.feedback for r in card.results), card.format()
 
 
