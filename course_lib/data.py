@@ -292,3 +292,9 @@ SENTIMENT_ANSWERS = {"happy": "yes", "sad": "no"}
 
 def sentiment_prompt(story: str) -> str:
     return f"{story}\nQ: Does the story end well?\nA:"
+
+
+def ending_prompt(story: str) -> str:
+    """The sentiment task with single-token answers ("happy" / "sad"): quick for adapters to learn,
+    which lets the LoRA lesson afford a dozen training runs on a CPU."""
+    return f"{story}\nQ: How does the story end?\nA:"

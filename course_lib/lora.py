@@ -124,10 +124,7 @@ def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]
     """
     if len(row_adapters) != x.shape[0]:
         raise ValueError(f"{len(row_adapters)} adapter names for a batch of {x.shape[0]} rows")
-    names = list(layer.lora_A)
-    unknown = sorted({n for n in row_adapters if n != BASE and n not in layer.lora_A})
-    if unknown:
-        raise KeyError(f"unknown adapter(s) {unknown}; this layer has {names} (or {BASE!r} for none)")
+    names = list(layer.lora_A)  # an adapter that does not adapt this layer adds nothing here (as in peft)
     r_max = max(a.shape[0] for a in layer.lora_A.values())
     ref = layer.lora_A[names[0]]
     A_all = torch.zeros(len(names) + 1, r_max, layer.in_features, device=ref.device, dtype=ref.dtype)
@@ -136,7 +133,7 @@ def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]
         r = layer.lora_A[name].shape[0]
         A_all[k, :r] = layer.lora_A[name]
         B_all[k, :, :r] = layer.lora_B[name] * layer.scaling[name]
-    index = torch.tensor([names.index(n) if n != BASE else len(names) for n in row_adapters], device=x.device)
+    index = torch.tensor([names.index(n) if n in layer.lora_A else len(names) for n in row_adapters], device=x.device)
     flat = x.to(ref.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in) whatever the middle dims
     delta = lora_mixed_delta(flat, A_all, B_all, index, base_slot=len(names))  # (B, T, out)
     return delta.reshape(*x.shape[:-1], layer.out_features)
@@ -233,6 +230,10 @@ def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
 def mixed_batch(model: nn.Module, adapter_names: list[str]):
     """Serve a batch whose row i uses adapter ``adapter_names[i]`` (``"__base__"`` for none)."""
     layers = _require_layers(model)
+    known = {name for _, layer in layers for name in layer.lora_A}
+    unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; the model has {sorted(known)} (or {BASE!r} for none)")
     for _, layer in layers:
         if layer.merged_adapters:
             raise RuntimeError("unmerge the adapters before serving mixed batches (merged weights are shared by all rows)")
