@@ -29,7 +29,27 @@ def mixed_ok(x, A, B, s, idx):
     return out * (idx >= 0)[:, None, None]
 
 
-RIGHT = {"03.1": fwd_ok, "03.2": init_ok, "03.3": merge_ok, "03.4": mixed_ok}
+def match_ok(names, targets):
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+RIGHT = {"03.1": fwd_ok, "03.2": init_ok, "03.3": merge_ok, "03.4": mixed_ok, "03.5": match_ok}
+
+
+def match_endswith(names, targets):
+    return [n for n in names if any(n.endswith(t) for t in targets)]
+
+
+def match_substring(names, targets):
+    return [n for n in names if any(t in n for t in targets)]
+
+
+def match_exact(names, targets):
+    return [n for n in names if n in targets]
+
+
+def match_sorted(names, targets):
+    return sorted(match_ok(names, targets))
 
 
 def fwd_alpha(x, W, A, B, alpha, r):
@@ -102,6 +122,8 @@ CATALOGUE = [
     ("03.2", init_frozen, "trainable"),
     ("03.3", merge_transposed, "transpose"), ("03.3", merge_unscaled, "scaling"), ("03.3", merge_in_place, "in place"),
     ("03.4", mixed_negative_index, "-1"), ("03.4", mixed_first_row, "first row"), ("03.4", mixed_wrong_B, "expected"),
+    ("03.5", match_endswith, "kv_proj"), ("03.5", match_substring, "kv_proj"), ("03.5", match_exact, "only exact"),
+    ("03.5", match_sorted, "order"),
 ]
 
 

@@ -163,3 +163,22 @@ def test_loading_into_another_model_is_a_clear_error(tmp_path):
         load_adapter(other, tmp_path)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(other, tmp_path / "nothing")
+
+
+def test_dropout_acts_on_the_lora_branch_only():
+    from course_lib.lora import LoRALinear
+
+    layer = LoRALinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("default", r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 16)
+    layer.train()
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)
+    expected = layer.base_layer(x) + layer.lora_output(x, "default")  # same dropout mask, base path undropped
+    torch.testing.assert_close(out, expected)
+    layer.eval()
+    assert not torch.allclose(out, layer(x))  # in training the branch was dropped out; in eval it is not
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ layer.lora_A["default"].T) @ layer.lora_B["default"].T * 2)

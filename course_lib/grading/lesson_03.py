@@ -99,9 +99,43 @@ def check_mixed_lora_delta(mixed_lora_delta) -> str:
     return "each row used its own adapter, -1 rows none"
 
 
+# ---------------------------------------------------------------------------------------------
+# 03.5 matching_modules(module_names, targets) — injection by name
+# ---------------------------------------------------------------------------------------------
+MODULE_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.kv_proj", "model.layers.0.self_attn.v_proj",
+                "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+                "model.layers.1.mlp.down_proj", "v_proj", "lm_head"]
+
+
+def check_matching_modules(matching_modules) -> str:
+    cases = [(["v_proj"], ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "v_proj"]),
+             (["q_proj", "down_proj"], ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                                        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]),
+             (["model.layers.1.mlp.down_proj"], ["model.layers.1.mlp.down_proj"]),
+             (["proj"], [])]
+    for targets, expected in cases:
+        got = matching_modules(list(MODULE_NAMES), targets)
+        if not isinstance(got, list):
+            raise CheckFailed(f"return a list of names, got {type(got).__name__}")
+        if got == expected:
+            continue
+        if "model.layers.0.self_attn.kv_proj" in got:
+            raise CheckFailed("'kv_proj' matched target 'v_proj': a target matches a whole name or a suffix "
+                              "after a dot (name == t or name.endswith('.' + t)), not any ending of the string")
+        if targets == ["proj"] and got:
+            raise CheckFailed("target 'proj' matched modules: a target must match whole name parts, not a substring")
+        if set(got) == set(expected):
+            raise CheckFailed(f"keep the modules in the order of module_names; got {got}")
+        if targets == ["v_proj"] and got == ["v_proj"]:
+            raise CheckFailed("only exact names matched: 'v_proj' must also match 'model.layers.0.self_attn.v_proj'")
+        raise CheckFailed(f"for targets {targets}: expected {expected}, got {got}")
+    return "whole names or dotted suffixes, in model order"
+
+
 EXERCISES = [
     Exercise("03.1", "LoRA forward with scaling", ("lora_forward",), check_lora_forward),
     Exercise("03.2", "LoRA initialisation", ("init_lora",), check_init_lora),
     Exercise("03.3", "merge an adapter into W", ("merge_weight",), check_merge_weight),
     Exercise("03.4", "per-row adapters in one batch", ("mixed_lora_delta",), check_mixed_lora_delta),
+    Exercise("03.5", "choose target modules by name", ("matching_modules",), check_matching_modules),
 ]
