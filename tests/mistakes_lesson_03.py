@@ -1,12 +1,9 @@
-"""Lesson 03's hidden checks: right answers pass, a catalogue of plausible LoRA mistakes is caught by name."""
+"""Lesson 03 (LoRA): right answers, and plausible wrong answers with the phrase the feedback must contain."""
 
 import math
 
-import pytest
 import torch
 from torch import nn
-
-from course_lib.grading import find_exercise, run_exercise
 
 
 def fwd_ok(x, W, A, B, alpha, r):
@@ -125,15 +122,3 @@ CATALOGUE = [
     ("03.5", match_endswith, "kv_proj"), ("03.5", match_substring, "kv_proj"), ("03.5", match_exact, "only exact"),
     ("03.5", match_sorted, "order"),
 ]
-
-
-@pytest.mark.parametrize("exercise_id", sorted(RIGHT))
-def test_right_answers_pass(exercise_id):
-    result = run_exercise(find_exercise(exercise_id), [RIGHT[exercise_id]])
-    assert result.passed, result.feedback
-
-
-@pytest.mark.parametrize("exercise_id, wrong, phrase", CATALOGUE, ids=[w.__name__ for _, w, _ in CATALOGUE])
-def test_plausible_mistakes_are_caught_and_named(exercise_id, wrong, phrase):
-    result = run_exercise(find_exercise(exercise_id), [wrong])
-    assert not result.passed and phrase in result.feedback, result.feedback
