@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The course's GPU check, run on a lent GPU machine from the repository root with wheels for what
 # its image lacks in .whl/ (the Jupyter kernel stack): installs them to /tmp/site, records the
-# device, runs lesson 00 through `course-lab --profile gpu`, and checks that a hub id fails fast
-# offline. Results go to $OUT (or ./gpu_out), to be copied into benchmarks/RESULTS.md by hand.
+# device, runs the lessons in $LESSONS (default 00,03) through `course-lab --profile gpu`, checks that
+# a hub id fails fast offline, then (unless QUICK=1) `course-bench lora` and the multi-LoRA kernel.
+# Results go to $OUT (or ./gpu_out), to be copied into benchmarks/RESULTS.md by hand.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
@@ -17,7 +18,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
   python3 -c "import torch, transformers, sys; print('python', sys.version.split()[0], '· torch', torch.__version__, '· transformers', transformers.__version__)"
 } | tee "$OUT/device.txt"
 start=$(date +%s)
-python3 -m course_lib.lab --profile gpu --only 00 --out "$OUT/lab" 2>&1 | tail -n 20 | tee "$OUT/lab.log"
+python3 -m course_lib.lab --profile gpu --only "${LESSONS:-00,03}" --out "$OUT/lab" 2>&1 | tail -n 20 | tee "$OUT/lab.log"
 echo "lab wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/lab.log"
 start=$(date +%s)
 timeout 120 python3 -c "
@@ -28,7 +29,7 @@ except OSError as e:
     print('hub id offline ->', str(e)[:160])
 " 2>&1 | tail -n 2 | tee "$OUT/hub.log"
 echo "hub failure seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/hub.log"
-timeout 300 python3 -m course_lib.bench lora --repeats 7 --json "$OUT/lora.json" 2>&1 | grep -v -i warn | tail -n 6 | tee "$OUT/lora.log"
+[ "${QUICK:-0}" = 1 ] || timeout 300 python3 -m course_lib.bench lora --repeats 7 --json "$OUT/lora.json" 2>&1 | grep -v -i warn | tail -n 6 | tee "$OUT/lora.log"
 timeout 120 python3 - <<'PY' 2>&1 | tail -n 8 | tee "$OUT/kernel.log"
 import torch, triton
 from course_lib.kernels.multi_lora import lora_mixed_delta_torch, lora_mixed_delta_triton

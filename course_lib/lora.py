@@ -60,16 +60,22 @@ class LoRALinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = self.base_layer.weight
-        A = torch.empty(r, self.in_features, device=weight.device, dtype=weight.dtype)
-        B = torch.empty(self.out_features, r, device=weight.device, dtype=weight.dtype)
-        # Consume the random stream exactly as peft does (nn.Linear default init of A, then of B,
-        # then A re-initialised, B zeroed), so the same seed gives the same adapter.
+        # Created in float32 on the CPU and drawn from the CPU generator in peft's order (nn.Linear
+        # default init of A, then of B, then A re-initialised, B zeroed), so the same seed gives the
+        # same adapter as peft on any device.
+        A = torch.empty(r, self.in_features)
+        B = torch.empty(self.out_features, r)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(B)
+        # Like peft (autocast_adapter_dtype=True), adapters of a 16-bit base are trained in float32:
+        # their updates are small relative to their values, which bf16 would round away. peft first
+        # casts the fresh weights to the base dtype and then back up, so the initial values are
+        # bf16-rounded; doing the same keeps the two bit-identical.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A[name] = nn.Parameter(A.to(weight.device, weight.dtype).to(dtype))
+        self.lora_B[name] = nn.Parameter(B.to(weight.device, weight.dtype).to(dtype))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if self.active_adapter is None:
@@ -91,7 +97,9 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return result
-        return result + self.lora_output(x, name).to(result.dtype)
+        # Add in the adapter's precision, then round once (as peft does): with a bf16 base and float32
+        # adapters that is one rounding instead of two.
+        return (result + self.lora_output(x, name)).to(result.dtype)
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

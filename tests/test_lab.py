@@ -60,13 +60,18 @@ def test_parameters_are_injected_and_metrics_collected(tmp_path):
     assert "00_demo.ipynb" in table and "model=some/model" in table
 
 
-def test_a_failing_notebook_is_reported(tmp_path):
+def test_a_failing_notebook_is_reported_without_stale_outputs(tmp_path):
     path = _lab_notebook(tmp_path)
     nb = nbformat.read(path, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
+    nb.cells.insert(1, nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="an output from an earlier run\n")]
     nbformat.write(nb, path)
-    result = run_notebook(path, tmp_path, {"PROFILE": "cpu", "MODEL": None}, 60)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_notebook(path, out, {"PROFILE": "cpu", "MODEL": None}, 60)
     assert result.status == "error" and "RuntimeError: boom" in result.detail
+    executed = nbformat.read(out / path.name, as_version=4)
+    assert executed.cells[-1].outputs == []  # never ran this time, so it shows nothing
 
 
 def test_untagged_notebook_is_a_clear_error(tmp_path):

@@ -182,3 +182,18 @@ def test_dropout_acts_on_the_lora_branch_only():
     layer.eval()
     assert not torch.allclose(out, layer(x))  # in training the branch was dropped out; in eval it is not
     torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ layer.lora_A["default"].T) @ layer.lora_B["default"].T * 2)
+
+
+def test_bf16_base_keeps_float32_adapters_like_peft():
+    ours, theirs = tiny_llama(seed=0).to(torch.bfloat16), tiny_llama(seed=0).to(torch.bfloat16)
+    torch.manual_seed(7)
+    add_lora(ours, ["q_proj"], r=4, alpha=8)
+    torch.manual_seed(7)
+    theirs = peft_model(theirs, r=4, lora_alpha=8, target_modules=["q_proj"])
+    ours_A = [p for n, p in ours.named_parameters() if "lora_A" in n]
+    theirs_A = [p for n, p in theirs.named_parameters() if "lora_A" in n]
+    assert all(a.dtype == b.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(ours_A, theirs_A))
+    randomize_B(ours, 8)
+    randomize_B(theirs, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=0, atol=0)

@@ -31,7 +31,7 @@ if triton is not None:
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, T, IN: tl.constexpr, R, base_slot,
                        stride_xb, stride_xt, stride_ak, stride_ar, stride_ob, stride_ot,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         k = tl.load(idx_ptr + b)
         if k == base_slot:
@@ -46,14 +46,17 @@ if triton is not None:
                          mask=(t[:, None] < T) & (kk[None, :] < IN), other=0.0)  # (BLOCK_T, BLOCK_K)
             a = tl.load(a_ptr + k * stride_ak + rr[None, :] * stride_ar + kk[:, None],
                         mask=(rr[None, :] < R) & (kk[:, None] < IN), other=0.0)  # (BLOCK_K, BLOCK_R) = Aᵀ tile
-            acc += tl.dot(xs, a)
+            if IEEE:  # fp32 inputs: true fp32 products (the default would use TF32, ~1e-3 relative error)
+                acc += tl.dot(xs, a, input_precision="ieee")
+            else:
+                acc += tl.dot(xs, a)
         tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ot + rr[None, :], acc,
                  mask=(t[:, None] < T) & (rr[None, :] < R))
 
     @triton.jit
     def _expand_kernel(xa_ptr, b_ptr, idx_ptr, y_ptr, T, OUT, R, base_slot,
                        stride_xab, stride_xat, stride_bk, stride_bo, stride_yb, stride_yt,
-                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         k = tl.load(idx_ptr + b)
         if k == base_slot:
@@ -65,7 +68,10 @@ if triton is not None:
                      mask=(t[:, None] < T) & (rr[None, :] < R), other=0.0)  # (BLOCK_T, BLOCK_R) fp32
         w = tl.load(b_ptr + k * stride_bk + n[None, :] * stride_bo + rr[:, None],
                     mask=(n[None, :] < OUT) & (rr[:, None] < R), other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N) = Bᵀ tile
-        acc = tl.dot(xa, w)
+        if IEEE:
+            acc = tl.dot(xa, w, input_precision="ieee")
+        else:
+            acc = tl.dot(xa, w)
         tl.store(y_ptr + b * stride_yb + t[:, None] * stride_yt + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(t[:, None] < T) & (n[None, :] < OUT))
 
@@ -81,14 +87,15 @@ def lora_mixed_delta_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, i
     x, A, B, index = x.contiguous(), A.contiguous(), B.contiguous(), index.contiguous()
     block_r = max(16, triton.next_power_of_2(R))
     block_t, block_k, block_n = 16, 32, 64
+    ieee = x.dtype == torch.float32
     xa = torch.empty(Bt, T, R, device=x.device, dtype=torch.float32)
     y = torch.zeros(Bt, T, OUT, device=x.device, dtype=x.dtype)
     _shrink_kernel[(Bt, triton.cdiv(T, block_t))](
         x, A, index, xa, T, IN, R, base_slot, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        xa.stride(0), xa.stride(1), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r)
+        xa.stride(0), xa.stride(1), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee)
     _expand_kernel[(Bt, triton.cdiv(T, block_t), triton.cdiv(OUT, block_n))](
         xa, B, index, y, T, OUT, R, base_slot, xa.stride(0), xa.stride(1), B.stride(0), B.stride(1),
-        y.stride(0), y.stride(1), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r)
+        y.stride(0), y.stride(1), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee)
     return y
 
 
