@@ -6,7 +6,6 @@ import random
 import shutil
 
 import pytest
-import torch
 
 from course_lib import data
 from course_lib.evaluate import addition_accuracy, generate, lm_loss, name_consistency

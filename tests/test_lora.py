@@ -1,7 +1,6 @@
 """course_lib.lora against peft's LoraConfig on a seeded Llama: same init, same logits, same merged
 weights, adapters that move both ways, and mixed-adapter batches."""
 
-import copy
 
 import pytest
 import torch
