@@ -3,6 +3,7 @@
 # its image lacks in .whl/ (the Jupyter kernel stack): installs them to /tmp/site, records the
 # device, runs the lessons in $LESSONS (default 00,03) through `course-lab --profile gpu`, checks that
 # a hub id fails fast offline, then (unless QUICK=1) `course-bench lora` and the multi-LoRA kernel.
+# SKIP_LAB=1 skips the lessons.
 # Results go to $OUT (or ./gpu_out), to be copied into benchmarks/RESULTS.md by hand.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}
@@ -18,7 +19,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
   python3 -c "import torch, transformers, sys; print('python', sys.version.split()[0], '· torch', torch.__version__, '· transformers', transformers.__version__)"
 } | tee "$OUT/device.txt"
 start=$(date +%s)
-python3 -m course_lib.lab --profile gpu --only "${LESSONS:-00,03}" --out "$OUT/lab" 2>&1 | tail -n 20 | tee "$OUT/lab.log"
+[ "${SKIP_LAB:-0}" = 1 ] || python3 -m course_lib.lab --profile gpu --only "${LESSONS:-00,03}" --out "$OUT/lab" 2>&1 | tail -n 20 | tee "$OUT/lab.log"
 echo "lab wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/lab.log"
 start=$(date +%s)
 timeout 120 python3 -c "

@@ -88,7 +88,8 @@ class LoRALinear(nn.Module):
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(A.dtype))
-        return (x @ A.T) @ B.T * self.scaling[name]  # (..., in) → (..., r) → (..., out)
+        # F.linear (one GEMM on the flattened batch, with a fused backward) rather than `x @ A.T`.
+        return nn.functional.linear(nn.functional.linear(x, A), B) * self.scaling[name]  # (..., in) → (..., r) → (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (B, T, out)
