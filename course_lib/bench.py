@@ -65,7 +65,9 @@ SHAPES = {  # random-init shapes for GPU benchmarks (TinyLlama-1.1B's architectu
 
 def bench_lora(args: argparse.Namespace) -> dict:
     """LoRA train step and mixed-adapter serving: course_lib vs peft on the same model and batch."""
-    from .lora import BASE, mixed_batch
+    from peft import LoraConfig
+
+    from .lora import BASE, add_lora, mixed_batch
     from .memory import measure_peak_memory
 
     cuda = torch.cuda.is_available()
@@ -76,8 +78,7 @@ def bench_lora(args: argparse.Namespace) -> dict:
     targets = "all-linear"
     ours, theirs = _lora_models(shape, device, dtype, r=16, targets=targets)
     vocab = ours.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, length), device=device, generator=torch.Generator().manual_seed(0)
-                        if not cuda else None)
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     optimizers = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for m in (ours, theirs)}
@@ -96,10 +97,6 @@ def bench_lora(args: argparse.Namespace) -> dict:
     mem_theirs = measure_peak_memory(step(theirs), device)[1] if cuda else None
 
     # Serving: 4 adapters + base rows mixed in one batch.
-    from peft import LoraConfig
-
-    from .lora import add_lora
-
     names = ["a", "b", "c"]
     for name in names:
         add_lora(ours, targets, r=16, alpha=32, adapter_name=name)

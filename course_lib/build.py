@@ -47,6 +47,14 @@ def strip_solutions(source: str, where: str) -> str:
     return "".join(out)
 
 
+def clear_outputs(nb) -> None:
+    """Remove every code cell's outputs, execution count and timing metadata."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)
+
+
 def build_notebook(solution_path: Path) -> str:
     """The exercise notebook generated from one solution notebook, as the text to write."""
     import nbformat
@@ -58,9 +66,7 @@ def build_notebook(solution_path: Path) -> str:
             continue
         regions += sum(1 for line in cell.source.splitlines() if BEGIN.match(line))
         cell.source = strip_solutions(cell.source, f"{solution_path.name}, cell {index + 1}").rstrip("\n")
-        cell.outputs = []
-        cell.execution_count = None
-        cell.metadata.pop("execution", None)
+    clear_outputs(nb)
     if regions == 0:
         raise BuildError(f"{solution_path.name}: no ### BEGIN SOLUTION region, so there is no exercise to generate")
     nb.metadata["course"] = {"lesson": solution_path.name[:2], "generated_from": f"solutions/{solution_path.name}"}

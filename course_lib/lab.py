@@ -85,10 +85,10 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, cell_timeout: int)
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+    from .build import clear_outputs
+
     nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:  # the committed outputs are from another run: never let them pass for this one's
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
+    clear_outputs(nb)  # the committed outputs are from another run: never let them pass for this one's
     metrics_path = out_dir / f"{path.stem}.metrics.json"
     metrics_path.unlink(missing_ok=True)
     inject_parameters(nb, {**parameters, "METRICS_PATH": str(metrics_path)})
