@@ -97,9 +97,10 @@ def test_two_process_data_parallel_training_on_cpu(tmp_path):
     out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*_world2.json"))]
     assert sorted(r["rank"] for r in runs) == [0, 1] and all(r["world"] == 2 for r in runs)
     single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    expected = json.loads(single.stdout.strip().splitlines()[-1])["loss"]
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = json.loads((tmp_path / "rank0_world1.json").read_text())["loss"]
     for run in runs:
         assert run["loss"] == pytest.approx(expected, rel=1e-5)

@@ -12,4 +12,7 @@ gen = torch.Generator().manual_seed(1)
 fixed = torch.randint(0, 64, (4, 12), generator=gen)
 history = train(model, lambda step: {"input_ids": fixed, "labels": fixed}, TrainConfig(steps=5, lr=1e-2, progress=False))
 
-print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)), "loss": history.loss}))
+# One file per rank: two ranks printing to one shared pipe can interleave their lines.
+rank = int(os.environ.get("RANK", 0))
+with open(f"rank{rank}_world{os.environ.get('WORLD_SIZE', 1)}.json", "w") as f:
+    json.dump({"rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), "loss": history.loss}, f)
