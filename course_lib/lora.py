@@ -158,9 +158,12 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
     """Names of the ``nn.Linear`` modules to adapt: exact names or name suffixes (``"q_proj"`` matches
-    ``model.layers.0.self_attn.q_proj``), or ``"all-linear"`` = every Linear but the output head."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
-               and not _inside_lora(name)]
+    ``model.layers.0.self_attn.q_proj``), or ``"all-linear"`` = every Linear but the output head.
+    A Linear already wrapped by an adapter layer (LoRA, IA3: anything with a ``base_layer``) counts
+    under its own name. Shared by every module-injecting method."""
+    linears = [name for name, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear))
+               and not _inside_adapter(name)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         return [n for n in linears if n not in heads]
@@ -174,7 +177,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     return found
 
 
-def _inside_lora(name: str) -> bool:
+def _inside_adapter(name: str) -> bool:
+    """A Linear that belongs to an adapter wrapper (its frozen base or its own weights), not a target."""
     return ".base_layer" in name or re.search(r"\.lora_[AB]\b", name) is not None
 
 

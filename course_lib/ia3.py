@@ -1,0 +1,225 @@
+"""IA3 (Liu et al. 2022, "(IA)³"): learned vectors that rescale activations of a frozen model.
+
+    attention keys/values:  k = l_k ⊙ (W_k x),   v = l_v ⊙ (W_v x)         (output scaling, l: (out,))
+    feed-forward:           h = W_down (l_ff ⊙ a)                          (input scaling,  l: (in,))
+
+Every vector starts at ones, so training starts from the pretrained model. Because a rescaling is
+linear it folds into the weight: ``W ← W · diag(l)`` or ``diag(l) · W`` (and ``b ← l ⊙ b`` for output
+scaling), after which inference costs exactly what the base model costs.
+
+Same shape as ``course_lib.lora`` and peft's ``tuners/ia3``: layer · inject · merge · save, with
+peft's parameter names (``ia3_l``) and file keys; tests/test_ia3.py checks logits, merged weights and
+files against peft.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .lora import PEFT_PREFIX, find_targets
+
+# peft's defaults for Llama-style models (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
+DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
+DEFAULT_FEEDFORWARD = ("down_proj",)
+
+
+class IA3Linear(nn.Module):
+    """``base_layer`` (frozen ``nn.Linear``) plus named IA3 vectors; one active at a time."""
+
+    def __init__(self, base_layer: nn.Linear, is_feedforward: bool):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"IA3Linear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.is_feedforward = is_feedforward  # True: scale the input; False: scale the output
+        self.ia3_l = nn.ParameterDict()  # name -> (1, in) if feed-forward else (out, 1), like peft
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.ia3_l:
+            raise ValueError(f"IA3 adapter {name!r} already exists on this layer")
+        shape = (1, self.base_layer.in_features) if self.is_feedforward else (self.base_layer.out_features, 1)
+        # Float32 ones, like peft's (its randn-then-fill also consumes the RNG, so do the same).
+        vector = torch.randn(shape)
+        nn.init.constant_(vector, 1.0)
+        self.ia3_l[name] = nn.Parameter(vector.to(self.base_layer.weight.device))
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return self.base_layer(x)
+        scale = self.ia3_l[name].flatten()  # (in,) or (out,)
+        if self.is_feedforward:
+            # scale in the vector's precision, then back to the input's, as peft does
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))  # (..., in) → (..., out)
+        result = self.base_layer(x)  # (..., out)
+        return (result * scale).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """W ← W ⊙ l (broadcast over columns for input scaling, rows for output scaling); bias too for
+        output scaling — the input-side vector never touches the bias."""
+        name = name or self.active_adapter
+        if name in self.merged_adapters:
+            raise RuntimeError(f"IA3 adapter {name!r} is already merged into this layer: unmerge it first")
+        weight, vector = self.base_layer.weight, self.ia3_l[name]
+        weight.data = (weight.data * vector.data).to(weight.dtype)  # (out, in) ⊙ (1, in) or (out, 1)
+        if not self.is_feedforward and self.base_layer.bias is not None:
+            bias = self.base_layer.bias
+            bias.data = (bias.data * vector.data.reshape(bias.shape)).to(bias.dtype)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        """Divide back out (peft adds 1e-8 to avoid dividing by zero, so this is not bit-exact)."""
+        name = name or self.active_adapter
+        if name not in self.merged_adapters:
+            raise RuntimeError(f"IA3 adapter {name!r} is not merged into this layer, so it cannot be unmerged")
+        weight, vector = self.base_layer.weight, self.ia3_l[name].data + 1e-8
+        weight.data = (weight.data / vector).to(weight.dtype)
+        if not self.is_feedforward and self.base_layer.bias is not None:
+            bias = self.base_layer.bias
+            bias.data = (bias.data / vector.reshape(bias.shape)).to(bias.dtype)
+        self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        side = "input" if self.is_feedforward else "output"
+        return f"scales={side}, adapters={list(self.ia3_l)}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARGETS,
+            feedforward_modules: str | Iterable[str] | None = None, adapter_name: str = "default",
+            freeze: bool = True) -> list[str]:
+    """Wrap the target linears in :class:`IA3Linear` (once) and add vectors ``adapter_name`` (ones).
+
+    ``feedforward_modules`` (a subset of the targets, by the same exact-or-suffix rule) scale their
+    input; the others their output. None: the targets named like peft's Llama default (down_proj).
+    Returns the adapted module names."""
+    names = find_targets(model, target_modules)
+    if feedforward_modules is None:
+        feedforward_modules = [f for f in DEFAULT_FEEDFORWARD if any(n.endswith("." + f) or n == f for n in names)]
+    ff = [feedforward_modules] if isinstance(feedforward_modules, str) else list(feedforward_modules)
+    stray = [f for f in ff if not any(n == f or n.endswith("." + f) for n in names)]
+    if stray:
+        raise ValueError(f"feedforward_modules {stray} are not among the target modules "
+                         f"{sorted({n.split('.')[-1] for n in names})}: a feed-forward module must also be a target")
+    if freeze:  # the base model; vectors added earlier keep their state
+        for pname, p in model.named_parameters():
+            if ".ia3_l." not in pname:
+                p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        if not isinstance(layer, IA3Linear):
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"{name} is a {type(layer).__name__}; IA3 here adapts plain nn.Linear layers")
+            layer = IA3Linear(layer, is_feedforward=any(name == f or name.endswith("." + f) for f in ff))
+            setattr(parent, child, layer)
+        layer.add_adapter(adapter_name)
+    model._ia3_config = getattr(model, "_ia3_config", {})
+    model._ia3_config[adapter_name] = {
+        "target_modules": sorted({n.split(".")[-1] for n in names}),
+        "feedforward_modules": sorted({n.split(".")[-1] for n in names if model.get_submodule(n).is_feedforward})}
+    return names
+
+
+def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Linear):
+            yield name, module
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, IA3Linear]]:
+    layers = list(ia3_layers(model))
+    if not layers:
+        raise ValueError("the model has no IA3 layers: call add_ia3 first")
+    return layers
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active IA3 vectors everywhere (None: the base model) and the only trainable ones.
+    Switching tasks is this one call: the frozen weights are shared, only a few thousand numbers change."""
+    for _, layer in _require_layers(model):
+        if name is not None and name not in layer.ia3_l:
+            raise KeyError(f"unknown IA3 adapter {name!r}; the model has {list(layer.ia3_l)}")
+        if layer.merged_adapters:
+            raise RuntimeError("unmerge the IA3 adapter before switching (its vectors are folded into the weights)")
+        layer.active_adapter = name
+        for adapter, vector in layer.ia3_l.items():  # like peft: only the active vectors train
+            vector.requires_grad_(adapter == name)
+
+
+def merge_ia3(model: nn.Module, name: str | None = None) -> None:
+    for _, layer in _require_layers(model):
+        layer.merge(name)
+
+
+def unmerge_ia3(model: nn.Module, name: str | None = None) -> None:
+    for _, layer in _require_layers(model):
+        layer.unmerge(name)
+
+
+def ia3_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's key names: ``base_model.model.<module path>.ia3_l`` (adapter name dropped)."""
+    out = {f"{PEFT_PREFIX}{name}.ia3_l": layer.ia3_l[adapter_name].detach().contiguous()
+           for name, layer in _require_layers(model) if adapter_name in layer.ia3_l}
+    if not out:
+        raise KeyError(f"no IA3 adapter named {adapter_name!r} in the model")
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "_ia3_config", {}).get(adapter_name)
+    if config is None:
+        raise KeyError(f"no IA3 adapter named {adapter_name!r} was added with add_ia3")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "fan_in_fan_out": False,
+        "inference_mode": True, "init_ia3_weights": True, **config}, indent=2) + "\n")
+    save_file(ia3_state_dict(model, adapter_name), directory / "adapter_model.safetensors")
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
+    """Add the IA3 adapter saved in ``directory`` (by course_lib or peft) to ``model``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "IA3":
+        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not IA3")
+    tensors = load_file(directory / "adapter_model.safetensors")
+    modules = sorted(k[len(PEFT_PREFIX):].removesuffix(".ia3_l") for k in tensors)
+    known = dict(model.named_modules())
+    absent = [m for m in modules if m not in known]
+    if absent:
+        raise ValueError(f"the adapter in {directory} was saved for another model: it adapts {absent[:3]}, "
+                         f"which this model does not have")
+    ff_suffixes = set(config.get("feedforward_modules") or [])
+    ff = [m for m in modules if m.split(".")[-1] in ff_suffixes]
+    names = add_ia3(model, modules, ff, adapter_name=adapter_name)
+    for name in names:
+        saved, param = tensors[f"{PEFT_PREFIX}{name}.ia3_l"], model.get_submodule(name).ia3_l[adapter_name]
+        if saved.shape != param.shape:
+            raise ValueError(f"{name}.ia3_l: saved shape {tuple(saved.shape)} does not fit this model's "
+                             f"{tuple(param.shape)} (another base model?)")
+        with torch.no_grad():
+            param.copy_(saved)
+    return names
