@@ -17,6 +17,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _text_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of the real tokens, in float32. A prompt-tuned model also returns logits for its
+    virtual tokens, which come first (B, NV+T, V); its last T positions are the text's."""
+    if logits.shape[1] < ids.shape[1]:
+        raise ValueError(f"the model returned logits for {logits.shape[1]} positions, fewer than the "
+                         f"{ids.shape[1]} input tokens")
+    return logits[:, logits.shape[1] - ids.shape[1]:].float()
+
+
 @torch.no_grad()
 def lm_loss(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 256) -> float:
     """Mean next-token cross-entropy (nats/token) over all real tokens of ``texts``.
@@ -33,7 +42,7 @@ def lm_loss(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 
             raise ValueError(f"a text is {enc['input_ids'].shape[1]} tokens long, over max_length={max_length}")
         ids = enc["input_ids"].to(_device(model))
         mask = enc["attention_mask"].to(_device(model))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logits = _text_logits(model(input_ids=ids, attention_mask=mask).logits, ids)  # (B, T, V)
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
                                            ignore_index=-100, reduction="sum")
@@ -109,7 +118,8 @@ def completion_logprobs(model: nn.Module, tokenizer, prompts: list[str], complet
         batch = tokenize_prompt_and_completion(prompts[i:i + batch_size], completions[i:i + batch_size],
                                                tokenizer, add_eos=False)
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = _text_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"])  # (B, T, V)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         mask = labels != -100

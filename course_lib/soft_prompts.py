@@ -91,6 +91,43 @@ class PrefixEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# The three small operations the wrapper is made of (exercises 01.1–01.3 rebuild them)
+# ------------------------------------------------------------------------------------------------
+def prepend_virtual_tokens(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor | None, virtual: torch.Tensor):
+    """``[P ; E(x)]`` with the mask and labels to match: virtual tokens are always attended to (mask 1)
+    and never predicted (label −100). ``virtual`` is (NV, d) or per row (B, NV, d)."""
+    batch_size = inputs_embeds.shape[0]
+    if virtual.dim() == 2:
+        virtual = virtual.unsqueeze(0).expand(batch_size, -1, -1)  # (B, NV, d)
+    nv = virtual.shape[1]
+    embeds = torch.cat([virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, NV+L, d)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(batch_size, nv), attention_mask], dim=1)  # (B, NV+L)
+    if labels is not None:
+        labels = torch.cat([labels.new_full((batch_size, nv), -100), labels], dim=1)  # (B, NV+L)
+    return embeds, attention_mask, labels
+
+
+def split_prefix(prefix: torch.Tensor, num_layers: int, num_key_value_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, NV, layers·2·kv_dim) → per layer (keys, values), each (B, H_kv, NV, head_dim) — the shape an
+    attention layer's cache holds. Per virtual token the flat vector is ``[K_0 | V_0 | K_1 | V_1 | …]``."""
+    b, nv, width = prefix.shape
+    if width % (num_layers * 2 * num_key_value_heads):
+        raise ValueError(f"a prefix of width {width} does not split into {num_layers} layers × (key, value) × "
+                         f"{num_key_value_heads} heads")
+    kv = prefix.view(b, nv, num_layers * 2, num_key_value_heads, -1).permute(2, 0, 3, 1, 4)  # (2·layers, B, H_kv, NV, hd)
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
+
+
+def text_init_ids(token_ids: list[int], num_virtual_tokens: int) -> list[int]:
+    """peft's TEXT init: the text's ids repeated cyclically up to ``num_virtual_tokens``, or cut to it."""
+    if not token_ids:
+        raise ValueError("init_text tokenizes to no tokens")
+    return (list(token_ids) * (num_virtual_tokens // len(token_ids) + 1))[:num_virtual_tokens]
+
+
+# ------------------------------------------------------------------------------------------------
 # The wrapper
 # ------------------------------------------------------------------------------------------------
 class SoftPromptModel(nn.Module):
@@ -163,11 +200,9 @@ class SoftPromptModel(nn.Module):
         return "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
 
     def _prefix_cache(self, config: dict, prefix: torch.Tensor) -> DynamicCache:
-        """(B, NV, layers·2·kv_dim) → a cache holding (B, H_kv, NV, head_dim) keys and values per layer."""
-        b, nv, _ = prefix.shape
-        layers, heads = config["num_layers"], config["num_key_value_heads"]
-        kv = prefix.view(b, nv, layers * 2, heads, -1).permute(2, 0, 3, 1, 4)  # (2·layers, B, H_kv, NV, hd)
-        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+        """(B, NV, layers·2·kv_dim) → a cache holding (B, H_kv, NV, head_dim) keys and values per layer;
+        a fresh one per forward, because attention appends the real tokens' keys to it."""
+        return DynamicCache(split_prefix(prefix, config["num_layers"], config["num_key_value_heads"]))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -176,19 +211,16 @@ class SoftPromptModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         config, virtual = self._per_row(batch_size, prompt_names)
-        nv = config["num_virtual_tokens"]
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(batch_size, nv), attention_mask], dim=1)
         if config["method"] == "prefix":
+            if attention_mask is not None:  # the cached prefix is attended to like NV real tokens
+                attention_mask = torch.cat([attention_mask.new_ones(batch_size, virtual.shape[1]), attention_mask], 1)
             dtype = next(self.base_model.parameters()).dtype
             kwargs[self._cache_kwarg] = self._prefix_cache(config, virtual.to(dtype))
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.base_model.get_input_embeddings()(input_ids)  # (B, L, d)
-        inputs_embeds = torch.cat([virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, NV+L, d)
-        if labels is not None:
-            labels = torch.cat([labels.new_full((batch_size, nv), -100), labels], dim=1)
+        inputs_embeds, attention_mask, labels = prepend_virtual_tokens(inputs_embeds, attention_mask, labels, virtual)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
@@ -225,10 +257,8 @@ def add_soft_prompt(model: nn.Module, method: Method = "prompt", num_virtual_tok
             raise ValueError("init_text is for prompt tuning; P-tuning and prefix tuning start at random")
         if tokenizer is None:
             raise ValueError("init_text needs the tokenizer that turns it into token ids")
-        ids = tokenizer(init_text)["input_ids"]  # with special tokens (a BOS here), exactly as peft does
-        if not ids:
-            raise ValueError("init_text tokenizes to no tokens")
-        ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]  # cyclic repeat, then cut
+        # with special tokens (a BOS here), exactly as peft does
+        ids = text_init_ids(tokenizer(init_text)["input_ids"], num_virtual_tokens)
         embeddings = wrapper.base_model.get_input_embeddings().weight
         init = embeddings[torch.tensor(ids, device=embeddings.device)]
         encoder = PromptEmbedding(num_virtual_tokens, shape["token_dim"], init=init)

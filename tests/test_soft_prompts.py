@@ -173,3 +173,24 @@ def test_bad_input_gets_clear_errors(tmp_path):
         load_adapter(other, tmp_path / "small")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+def test_course_measurements_score_the_text_not_the_virtual_positions(embedded):
+    """completion_logprobs on a prompt-tuned model (logits (B, NV+T, V)) equals the log-probability
+    read off the text's own positions by hand."""
+    from course_lib.evaluate import completion_logprobs
+    from course_lib.templates import tokenize_prompt_and_completion
+
+    model, tokenizer = embedded
+    import copy
+
+    torch.manual_seed(0)
+    wrapped = add_soft_prompt(copy.deepcopy(model), "prompt", NV)
+    prompts, completions = ["Q: What colour is the sky?\nA:", "Once upon a time"], [" blue", " there was"]
+    got = completion_logprobs(wrapped, tokenizer, prompts, completions)
+    batch = tokenize_prompt_and_completion(prompts, completions, tokenizer, add_eos=False)
+    with torch.no_grad():
+        logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, NV:]
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = (logp * (batch["labels"][:, 1:] != -100)).sum(-1)
+    torch.testing.assert_close(got, expected)
