@@ -55,8 +55,9 @@ def lm_loss(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 40,
              do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
-             stop_strings: tuple[str, ...] = ()) -> list[str]:
-    """Continue each prompt; returns only the new text (special tokens removed)."""
+             stop_strings: tuple[str, ...] = (), stop_tokens: tuple[str, ...] = ()) -> list[str]:
+    """Continue each prompt; returns only the new text (special tokens removed). Generation of a row
+    ends at the tokenizer's eos or at any of ``stop_tokens`` (e.g. a chat template's end-of-turn)."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -67,7 +68,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
             torch.manual_seed(seed)  # sampling is reproducible, and the caller's RNG is left alone
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=[tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(stop_tokens))])
     finally:
         tokenizer.padding_side = side
     model.train(was_training)

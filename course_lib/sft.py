@@ -1,0 +1,116 @@
+"""Supervised fine-tuning (SFT) on instruction data, with the shared training loop.
+
+    L(θ) = − Σ_t m_t log p_θ(y_t | y_<t)  /  Σ_t m_t        (m_t = 1 on completion / assistant tokens)
+
+Data comes in TRL's formats — ``{"prompt", "completion"}`` or ``{"messages"}`` — and becomes the same
+``input_ids`` / ``labels`` TRL's ``SFTTrainer`` builds (tests/test_sft.py checks labels and loss
+against it). LoRA is the default; ``full_finetune=True`` trains every weight. ``packing=True`` packs
+examples into rows with restarting position ids (no cross-example attention, no padding compute).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .templates import pack_examples, tokenize_messages, tokenize_prompt_and_completion, unpad
+from .training import History, TrainConfig, train
+
+END_OF_TURN = "<|end|>"  # the embedded chat template closes every turn with it
+
+
+def data_format(rows: list[dict]) -> str:
+    """"messages" or "prompt-completion"; every row must have the fields of one format, else an error
+    naming the first bad row."""
+    if not rows:
+        raise ValueError("no rows to train on")
+    kind = "messages" if "messages" in rows[0] else "prompt-completion"
+    need = ("messages",) if kind == "messages" else ("prompt", "completion")
+    for i, row in enumerate(rows):
+        missing = [f for f in need if f not in row or row[f] is None]
+        if missing:
+            raise ValueError(f"row {i}: missing field(s) {missing} (rows are in the {kind!r} format, like row 0: "
+                             f"{sorted(rows[0])})")
+        if kind == "prompt-completion" and not str(row["completion"]).strip():
+            raise ValueError(f"row {i}: empty completion (nothing to learn); drop the row or fill it")
+    return kind
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` with the loss on the completion
+    (prompt-completion rows) or on the assistant's turns (messages rows) — TRL's defaults."""
+    if data_format(rows) == "messages":
+        return tokenize_messages([r["messages"] for r in rows], tokenizer, max_length=max_length)
+    return tokenize_prompt_and_completion([r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                          tokenizer, max_length=max_length)
+
+
+def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over label tokens. ``use_cache=False``: a cache would make transformers skip
+    the packed-sequence detection that keeps attention inside each packed example."""
+    return model(**batch, use_cache=False).loss
+
+
+def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool = False,
+                max_length: int | None = None, seed: int = 0) -> Callable[[int], dict]:
+    """Batch ``step`` → tensors; epochs reshuffle with ``seed``. Rows are tokenized once, up front, so
+    errors surface before training starts. With ``packing`` each batch's examples are packed into rows
+    of ``max_length`` tokens."""
+    if packing and max_length is None:
+        raise ValueError("packing needs max_length: the length of the packed rows")
+    examples = unpad(tokenize_rows(rows, tokenizer, max_length=max_length))
+    pad = tokenizer.pad_token_id
+    order: list[int] = []
+
+    def batch(step: int) -> dict:
+        start = step * batch_size
+        while len(order) < start + batch_size:  # extend the index stream one shuffled epoch at a time
+            epoch = list(range(len(examples)))
+            random.Random(seed + len(order) // max(1, len(examples))).shuffle(epoch)
+            order.extend(epoch)
+        chosen = [examples[i] for i in order[start:start + batch_size]]
+        if packing:
+            return pack_examples(chosen, max_length, pad)
+        width = max(len(e["input_ids"]) for e in chosen)
+        ids = torch.full((len(chosen), width), pad, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(chosen), width), -100, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)  # (B, T)
+        for r, e in enumerate(chosen):
+            n = len(e["input_ids"])
+            ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch
+
+
+def run_sft(model: nn.Module, rows: list[dict], tokenizer, config: TrainConfig, *, batch_size: int = 16,
+            full_finetune: bool = False, lora_targets="all-linear", r: int = 8, alpha: float = 16,
+            packing: bool = False, max_length: int | None = None, device=None, autocast_dtype=None) -> History:
+    """SFT ``model`` in place on ``rows`` (LoRA by default) with the shared loop; returns the history."""
+    if not full_finetune:
+        from .lora import add_lora
+
+        add_lora(model, lora_targets, r=r, alpha=alpha)
+    batches = sft_batches(rows, tokenizer, batch_size, packing=packing, max_length=max_length, seed=config.seed)
+    return train(model, batches, config, loss_fn=sft_loss, device=device, autocast_dtype=autocast_dtype)
+
+
+def chat_prompt(messages: list[dict], tokenizer) -> str:
+    """The text a chat model sees before answering: the conversation up to the last user turn plus the
+    assistant header (``add_generation_prompt``), without the BOS the tokenizer adds again."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text.removeprefix(tokenizer.bos_token or "")
+
+
+def instruction_accuracy(model: nn.Module, tokenizer, rows: list[dict], *, max_new_tokens: int = 8) -> float:
+    """Exact match of the greedy answer (up to the end of its first line) with the reference assistant
+    reply, over chat rows ``{"messages": [user, assistant]}``."""
+    from .evaluate import generate
+
+    prompts = [chat_prompt(r["messages"][:-1], tokenizer) for r in rows]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=("\n",),
+                       stop_tokens=(END_OF_TURN,))
+    return sum(a.strip().lower() == r["messages"][-1]["content"].strip().lower()
+               for a, r in zip(answers, rows)) / len(rows)

@@ -1,0 +1,124 @@
+"""SFT data against TRL's SFTTrainer (labels, masks, loss), packing, and bad input."""
+
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+from course_lib.sft import data_format, sft_batches, sft_loss, tokenize_rows
+from course_lib.templates import (instruction_dataset, pack_examples, render_template, tokenize_messages,
+                                  tokenize_prompt_and_completion, unpad)
+
+
+def _rows():
+    return instruction_dataset(["opposite", "colour", "sentiment", "addition"], per_task=3)[:12]
+
+
+def _trl_batch(model, tokenizer, rows, **config):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                             args=SFTConfig(output_dir=out, report_to=[], max_length=None, use_cpu=True,
+                                            per_device_train_batch_size=len(rows), **config))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, batch)
+    return batch, loss
+
+
+def test_messages_labels_and_loss_equal_trl_assistant_only(embedded):
+    model, tokenizer = embedded
+    rows = [{"messages": r["messages"]} for r in _rows()]
+    theirs, their_loss = _trl_batch(model, tokenizer, rows, assistant_only_loss=True)
+    ours = tokenize_rows(rows, tokenizer)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(ours[key], theirs[key]), key
+    with torch.no_grad():
+        # same tokens and labels; TRL sums and divides by the token count itself: the last bit may differ
+        torch.testing.assert_close(sft_loss(model, ours), their_loss, rtol=1e-6, atol=0)
+    # the loss is on the assistant's answer and its end-of-turn token only
+    first = ours["labels"][0][ours["labels"][0] != -100]
+    assert tokenizer.decode(first) == rows[0]["messages"][1]["content"] + "<|end|>"
+
+
+def test_prompt_completion_labels_and_loss_equal_trl_completion_only(embedded):
+    model, tokenizer = embedded
+    rows = [{"prompt": r["messages"][0]["content"] + "\nAnswer:", "completion": r["messages"][1]["content"]}
+            for r in _rows()]
+    theirs, their_loss = _trl_batch(model, tokenizer, rows)
+    ours = tokenize_rows(rows, tokenizer)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(ours[key], theirs[key]), key
+    with torch.no_grad():
+        # same tokens and labels; TRL sums and divides by the token count itself: the last bit may differ
+        torch.testing.assert_close(sft_loss(model, ours), their_loss, rtol=1e-6, atol=0)
+
+
+def test_packed_and_unpacked_losses_are_equal(embedded):
+    model, tokenizer = embedded
+    batch = tokenize_rows(_rows(), tokenizer)
+    packed = pack_examples(unpad(batch), 256, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < batch["input_ids"].shape[0]  # it did pack
+    assert int((packed["labels"] != -100).sum()) == int((batch["labels"] != -100).sum())
+    with torch.no_grad():
+        torch.testing.assert_close(sft_loss(model, packed), sft_loss(model, batch), rtol=1e-5, atol=0)
+        # without restarting positions the examples would see each other: a different loss
+        leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+        assert abs(sft_loss(model, leaky) - sft_loss(model, batch)) > 1e-3
+
+
+def test_packing_restarts_positions_and_masks_each_examples_first_token():
+    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]},
+                {"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}]
+    out = pack_examples(examples, 6, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 8, 9], [5, 6, 7, 0, 0, 0]]  # best fit, longest first
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 2, 3, 4, -100, 9], [-100, 6, 7, -100, -100, -100]]
+    with pytest.raises(ValueError, match="example 0 has 3 tokens, over the packing length 2"):
+        pack_examples(examples, 2, pad_id=0)
+
+
+def test_batches_cycle_through_shuffled_epochs(embedded):
+    _, tokenizer = embedded
+    rows = _rows()
+    batches = sft_batches(rows, tokenizer, 5, seed=1)
+    seen = [tuple(r[r != tokenizer.pad_token_id].tolist()) for s in range(6) for r in batches(s)["input_ids"]]
+    epoch1, epoch2 = seen[:12], seen[12:24]
+    assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == 12 and epoch1 != epoch2
+
+
+def test_flan_templates_cover_tasks_and_hold_out_templates_and_a_task():
+    train = instruction_dataset(["opposite", "colour"], "train", "train")
+    held = instruction_dataset(["opposite", "colour"], "train", "heldout")
+    assert {r["messages"][0]["content"] for r in train}.isdisjoint({r["messages"][0]["content"] for r in held})
+    assert {r["template"] for r in train} == {"train0", "train1", "train2"}
+    with pytest.raises(ValueError, match="held-out task"):
+        instruction_dataset(["baby"], "train", "train")
+    from course_lib.templates import task_rows
+
+    for task, field in (("opposite", "word"), ("colour", "thing"), ("sound", "animal")):
+        seen, unseen = ({r[field] for r in task_rows(task, split)} for split in ("train", "heldout"))
+        assert unseen and seen and seen.isdisjoint(unseen)  # held-out items are never trained on
+    with pytest.raises(KeyError, match=r"needs field\(s\) \['word'\]"):
+        render_template("Opposite of {word}:", {"thing": "sky"})
+
+
+def test_bad_rows_get_errors_that_name_the_row(embedded):
+    _, tokenizer = embedded
+    with pytest.raises(ValueError, match=r"row 1: missing field\(s\) \['completion'\]"):
+        data_format([{"prompt": "a", "completion": " b"}, {"prompt": "c"}])
+    with pytest.raises(ValueError, match="row 0: empty completion"):
+        tokenize_rows([{"prompt": "a", "completion": "  "}], tokenizer)
+    with pytest.raises(ValueError, match="row 0: 9 tokens.*over max_length=4"):
+        tokenize_prompt_and_completion(["Q: What is up?"], [" down"], tokenizer, max_length=4)
+    with pytest.raises(ValueError, match="row 1: the chat template cannot render.*unknown chat role 'robot'"):
+        tokenize_messages([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": " yo"}],
+                           [{"role": "robot", "content": "beep"}]], tokenizer)
+    with pytest.raises(ValueError, match="row 0: no assistant tokens"):
+        tokenize_messages([[{"role": "user", "content": "hi"}]], tokenizer)
+    with pytest.raises(ValueError, match="packing needs max_length"):
+        sft_batches(_rows(), tokenizer, 4, packing=True)
