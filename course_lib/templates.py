@@ -1,7 +1,12 @@
-"""Turning (prompt, completion) pairs into training tensors with the loss on the completion only.
+"""Instruction data → training tensors: the loss on the answer only.
 
-Lesson 05 grows this module (FLAN-style templates, chat templates, packing); lesson 00 already
-needs its core: `tokenize_prompt_and_completion`.
+* ``tokenize_prompt_and_completion`` — prompt/completion rows, labels −100 on prompt and padding;
+* ``tokenize_messages`` — chat rows through the tokenizer's chat template, loss on the assistant's turns;
+* ``FLAN_TEMPLATES`` / ``instruction_dataset`` — the corpus's tasks phrased by several templates, with
+  held-out templates and a held-out task (Wei et al. 2021, FLAN);
+* ``pack_examples`` — several examples per row, position ids restarting, no cross-example attention.
+
+Labels equal TRL's ``SFTTrainer`` collator output (tests/test_sft.py).
 """
 
 from __future__ import annotations
