@@ -1,0 +1,178 @@
+"""NF4: 4-bit NormalFloat quantization (Dettmers et al. 2023, QLoRA §3), bit-exact with bitsandbytes.
+
+Pretrained weights are roughly normal, so NF4 puts its 16 levels at quantiles of N(0, 1), scaled to
+[−1, 1]: equal probability mass per level. It is asymmetric — 8 positive levels, 7 negative and an
+exact zero — so that 0 is representable. A weight tensor is cut into blocks of 64; each block is
+scaled by its absolute maximum (kept in float32), every scaled value is replaced by the index of the
+nearest level, and two 4-bit indices share a byte (the first element in the high nibble):
+
+    q_i = argmin_j |w_i / absmax_b − c_j|,        ŵ_i = c_{q_i} · absmax_b
+
+Double quantization (QLoRA §3) stores the absmax values themselves in 8 bits: subtract their mean,
+then blockwise 8-bit quantization (blocks of 256) with bitsandbytes' signed dynamic map.
+
+tests/test_nf4.py compares codes, packed bytes, absmax and dequantized values with
+``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# δ = 1 − ½(1/30 + 1/32) = 0.96770833…: the outermost quantiles of the positive and negative halves are
+# placed symmetrically. QLoRA's code (and bitsandbytes' table) uses it rounded to 7 digits; with the
+# unrounded value the levels differ from bitsandbytes' by up to 3e-7.
+NF4_OFFSET = 0.9677083
+
+
+def build_nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 levels, ascending: 8 positive quantiles Φ⁻¹(linspace(δ, ½, 9)[:-1]), 7 negative
+    −Φ⁻¹(linspace(δ, ½, 8)[:-1]) and 0, divided by the largest (so the ends are exactly ±1)."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    # linspace in float32, then the quantile function in float64: the order of roundings bitsandbytes used
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8)[:-1].double())
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
+    return levels / levels.max()
+
+
+NF4_CODE: torch.Tensor = build_nf4_code()  # (16,) float32
+NF4_BOUNDS: torch.Tensor = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,) midpoints: ties go to the lower level
+
+
+def build_dynamic_map(total_bits: int = 8, max_exponent_bits: int = 7) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" map (Dettmers 2015): per exponent 10^-k a linear fraction
+    grid, both signs, plus 0 and 1 — 256 values in [−1, 1], fine near 0, coarse near ±1; ascending
+    (the stored byte is the index into this sorted list)."""
+    data: list[float] = []
+    non_sign = total_bits - 1
+    for i in range(max_exponent_bits):
+        items = 2 ** (i + non_sign - max_exponent_bits) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()
+        data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    if len(data) != 2 ** total_bits:
+        raise ValueError(f"dynamic map has {len(data)} values, expected {2 ** total_bits}")
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_MAP: torch.Tensor = build_dynamic_map()  # (256,) float32
+
+
+@dataclass
+class NF4State:
+    """What dequantization needs. Without double quantization ``absmax`` is float32 (one per block);
+    with it, ``absmax`` is uint8 indices into ``DYNAMIC_MAP`` and ``absmax_scale`` (one float32 per 256
+    blocks) and ``offset`` undo the second quantization."""
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax: torch.Tensor
+    double_quant: bool = False
+    absmax_scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    absmax_blocksize: int = 256
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Storage per weight: 4 bits plus the scales, amortised over their blocks."""
+        n = int(torch.Size(self.shape).numel())
+        scale_bits = self.absmax.numel() * self.absmax.element_size() * 8
+        if self.double_quant:
+            scale_bits += self.absmax_scale.numel() * 32 + 32  # second-level scales and the offset
+        return 4 + scale_bits / n
+
+
+def _check_input(w: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"NF4 quantizes float tensors (float32, float16, bfloat16), got "
+                        f"{getattr(w, 'dtype', type(w).__name__)}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if blocksize <= 0 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two (bitsandbytes: 32 … 4096), got {blocksize}")
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"the tensor holds {bad} NaN/inf value(s); NF4 would silently turn a block into "
+                         f"garbage — fix the weights first")
+
+
+def _blockwise_absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax per block, values scaled into [−1, 1]) — full blocks multiply by the float32 reciprocal,
+    a last partial block divides (bitsandbytes does exactly this)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n_blocks, blocksize)
+    absmax = blocks.abs().max(dim=-1).values  # (n_blocks,)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    return absmax, scaled
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
+    """Quantize ``w`` to packed NF4: returns (uint8 tensor of shape (ceil(n/2), 1), state)."""
+    _check_input(w, blocksize)
+    flat = w.detach().reshape(-1).float()  # (n,)
+    absmax, scaled = _blockwise_absmax_scale(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    index = torch.bucketize(scaled, NF4_BOUNDS.to(scaled.device)).to(torch.uint8)  # nearest level, ties low
+    packed = ((index[0::2] << 4) | index[1::2]).unsqueeze(1)  # first element in the high nibble
+    state = NF4State(shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=absmax)
+    if double_quant:
+        offset = absmax.mean()
+        q, scale = quantize_blockwise_8bit(absmax - offset, 256)
+        state = NF4State(shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=q, double_quant=True,
+                         absmax_scale=scale, offset=offset)
+    return packed, state
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax scaling, then the nearest value of the dynamic map: (uint8 indices, absmax).
+
+    Nearest rounding; bitsandbytes' CPU kernel instead looks the value up in a 65 536-entry table, which
+    picks a neighbouring index for a small share of values (tests/test_nf4.py measures how many)."""
+    absmax, scaled = _blockwise_absmax_scale(x.reshape(-1).float(), blocksize)
+    levels = DYNAMIC_MAP.to(scaled.device)  # ascending
+    right = torch.searchsorted(levels, scaled).clamp(1, len(levels) - 1)
+    left = right - 1
+    nearest = torch.where((scaled - levels[left]).abs() <= (levels[right] - scaled).abs(), left, right)
+    return nearest.to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
+    values = DYNAMIC_MAP.to(q.device)[q.long()]  # (n,) float32
+    n = values.numel()
+    per_element = absmax.repeat_interleave(blocksize)[:n]
+    return values * per_element
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """ŵ = c[q] · absmax(block), computed in float32 and cast to the original dtype and shape."""
+    if not isinstance(state, NF4State):
+        raise TypeError("dequantize_nf4 needs the NF4State that quantize_nf4 returned with this tensor")
+    n = int(torch.Size(state.shape).numel())
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed tensor does not match its state: {packed.numel()} bytes of {packed.dtype} for "
+                         f"{n} values (expected {(n + 1) // 2} uint8) — was it quantized with another state?")
+    blocks = -(-n // state.blocksize)
+    if state.double_quant:
+        absmax = dequantize_blockwise_8bit(state.absmax, state.absmax_scale, state.absmax_blocksize) + state.offset
+    else:
+        absmax = state.absmax
+    if absmax.numel() != blocks:
+        raise ValueError(f"the state holds {absmax.numel()} block scales; {n} values in blocks of "
+                         f"{state.blocksize} need {blocks}")
+    flat = packed.reshape(-1)
+    index = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()  # high nibble first
+    values = NF4_CODE.to(flat.device)[index]  # (n,) float32
+    scale = absmax.float().repeat_interleave(state.blocksize)[:n]
+    return (values * scale).to(state.dtype).reshape(state.shape)
