@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .kernels.multi_lora import lora_mixed_delta
+from .nf4 import NF4Linear
 
 BASE = "__base__"  # per-row adapter name meaning "no adapter" (peft's convention)
 
@@ -33,8 +34,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
@@ -59,7 +60,7 @@ class LoRALinear(nn.Module):
                              f"({self.in_features} → {self.out_features})")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
+        weight = _weight_like(self.base_layer)
         # Created in float32 on the CPU and drawn from the CPU generator in peft's order (nn.Linear
         # default init of A, then of B, then A re-initialised, B zeroed), so the same seed gives the
         # same adapter as peft on any device.
@@ -104,6 +105,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
+        if isinstance(self.base_layer, NF4Linear):
+            raise RuntimeError("cannot merge LoRA into a 4-bit NF4 weight (the sum is not 4-bit): serve the adapter "
+                               "separately, or merge into a dequantized copy of the model")
         name = name or self.active_adapter
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is already merged into this layer: unmerge it first")
@@ -121,6 +125,13 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: tuple(a.shape)[0] for n, a in self.lora_A.items()}
         return f"adapters(rank)={ranks}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+def _weight_like(base: nn.Module) -> torch.Tensor:
+    """A tensor with the base layer's weight dtype and device (an NF4 layer's weight is packed bytes)."""
+    if isinstance(base, NF4Linear):
+        return torch.empty(0, dtype=base.weight_dtype, device=base.packed.device)
+    return base.weight
 
 
 def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]) -> torch.Tensor:
@@ -162,7 +173,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     A Linear already wrapped by an adapter layer (LoRA, IA3: anything with a ``base_layer``) counts
     under its own name. Shared by every module-injecting method."""
     linears = [name for name, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear))
+               if (isinstance(m, (nn.Linear, NF4Linear))
+                   or isinstance(getattr(m, "base_layer", None), (nn.Linear, NF4Linear)))
                and not _inside_adapter(name)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)

@@ -176,3 +176,72 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     values = NF4_CODE.to(flat.device)[index]  # (n,) float32
     scale = absmax.float().repeat_interleave(state.blocksize)[:n]
     return (values * scale).to(state.dtype).reshape(state.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# A 4-bit linear layer, a quantized model, QLoRA
+# ------------------------------------------------------------------------------------------------
+class _NF4LinearFunction(torch.autograd.Function):
+    """y = x Ŵᵀ + b with Ŵ dequantized on the fly. Backward dequantizes again instead of keeping Ŵ from
+    the forward pass — the point of QLoRA's memory saving — and returns a gradient for x only (the
+    4-bit weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        weight = layer.dequantized_weight(x.dtype)  # (out, in)
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.layer.dequantized_weight(grad_output.dtype)  # (out, in)
+        return grad_output @ weight, None, None  # (..., out) @ (out, in) → (..., in)
+
+
+class NF4Linear(torch.nn.Module):
+    """A frozen ``nn.Linear`` stored as packed NF4 (4.5 or ~4.127 bits per weight); computes in the
+    input's dtype. Bias, if any, stays in full precision (frozen)."""
+
+    def __init__(self, linear: torch.nn.Linear, blocksize: int = 64, double_quant: bool = False):
+        super().__init__()
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"NF4Linear quantizes an nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("absmax_scale", state.absmax_scale if double_quant else None)
+        self.register_buffer("offset", state.offset.view(1) if double_quant else None)
+        self.weight_dtype, self.blocksize, self.double_quant = linear.weight.dtype, blocksize, double_quant
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def state(self) -> NF4State:
+        return NF4State(shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                        blocksize=self.blocksize, absmax=self.absmax, double_quant=self.double_quant,
+                        absmax_scale=self.absmax_scale, offset=None if self.offset is None else self.offset[0])
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self.packed, self.state).to(dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4LinearFunction.apply(x, self, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {self.blocksize}"
+                f"{' + double quant' if self.double_quant else ''}")
+
+
+def quantize_model(model: torch.nn.Module, *, blocksize: int = 64, double_quant: bool = False,
+                   skip_output_head: bool = True) -> list[str]:
+    """Replace every ``nn.Linear`` (but the output head) by :class:`NF4Linear`, in place; embeddings and
+    norms stay as they are (QLoRA does the same). Returns the quantized module names."""
+    head = model.get_output_embeddings() if skip_output_head and hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    if not names:
+        raise ValueError("the model has no nn.Linear layers to quantize")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear(getattr(parent, child), blocksize=blocksize, double_quant=double_quant))
+    return names

@@ -89,3 +89,64 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(TypeError, match="NF4State"):
         dequantize_nf4(packed, {"absmax": state.absmax})
     assert isinstance(state, NF4State)
+
+
+# ------------------------------------------------------------------------------------------------
+# The 4-bit layer and QLoRA
+# ------------------------------------------------------------------------------------------------
+def test_nf4_linear_equals_bitsandbytes_linear4bit_and_backpropagates_to_its_input():
+    import bitsandbytes as bnb
+
+    from course_lib.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    ours = NF4Linear(linear)
+    theirs = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32, compress_statistics=False)
+    theirs.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=False)
+    theirs.bias = torch.nn.Parameter(linear.bias.data.clone())
+    theirs = theirs.to("cpu")
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    ours(x).sum().backward()
+    expected = torch.ones(3, 5, 48) @ ours.dequantized_weight()  # dL/dx = dL/dy · Ŵ
+    torch.testing.assert_close(x.grad, expected)
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_qlora_equals_lora_on_the_dequantized_model():
+    import copy
+
+    from course_lib.lora import add_lora, merge_lora
+    from course_lib.nf4 import NF4Linear, quantize_model
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    quantized, dense = copy.deepcopy(model), copy.deepcopy(model)
+    names = quantize_model(quantized)
+    assert len(names) == 14 and isinstance(quantized.model.embed_tokens, torch.nn.Embedding)  # 2 layers × 7 linears
+    with torch.no_grad():
+        for name in names:
+            dense.get_submodule(name).weight.copy_(quantized.get_submodule(name).dequantized_weight())
+        torch.testing.assert_close(quantized(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=0, atol=0)
+    torch.manual_seed(1)
+    add_lora(quantized, "all-linear")
+    torch.manual_seed(1)
+    add_lora(dense, "all-linear")
+    with torch.no_grad():
+        for (_, p), (_, q) in zip([x for x in quantized.named_parameters() if "lora_B" in x[0]],
+                                  [x for x in dense.named_parameters() if "lora_B" in x[0]]):
+            p.normal_(std=0.1), q.copy_(p)
+    quantized(input_ids=ids, labels=ids).loss.backward()
+    dense(input_ids=ids, labels=ids).loss.backward()
+    ours = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    reference = {n: p.grad for n, p in dense.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(reference) and len(ours) == 28
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="cannot merge LoRA into a 4-bit"):
+        merge_lora(quantized)
+    assert all(isinstance(quantized.get_submodule(n).base_layer, NF4Linear) for n in names)
