@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
-PLANNED = {"nf4": "lesson 04"}
+PLANNED: dict[str, str] = {}
 
 
 def alternate(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
@@ -200,6 +200,43 @@ def bench_sft(args: argparse.Namespace) -> dict:
 BENCHMARKS["sft"] = bench_sft
 
 
+def bench_nf4(args: argparse.Namespace) -> dict:
+    """NF4 dequantization throughput: course_lib (Triton on CUDA, torch on CPU) vs bitsandbytes, and a
+    plain bf16 copy of the same tensor as the bandwidth ceiling. Outputs are compared bit for bit."""
+    import bitsandbytes.functional as bnbf
+
+    from .nf4 import dequantize_nf4, quantize_nf4
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
+    rows = []
+    print(f"nf4 dequant · {torch.cuda.get_device_name() if cuda else 'cpu'} · bf16 output, blocksize 64")
+    for shape in shapes:
+        w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16).to(device)
+        packed, state = quantize_nf4(w)
+        state.absmax = state.absmax.to(device)
+        their_packed, their_state = bnbf.quantize_4bit(w, quant_type="nf4")
+        exact = torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(their_packed, their_state))
+        n = w.numel()
+        moved = n // 2 + state.absmax.numel() * 4 + n * 2  # bytes read + written by a dequantization
+        t_ours, t_bnb = alternate(lambda: dequantize_nf4(packed, state),
+                                  lambda: bnbf.dequantize_4bit(their_packed, their_state), repeats=args.repeats, sync=sync)
+        t_copy, _ = alternate(lambda: w.clone(), lambda: None, repeats=args.repeats, sync=sync)
+        row = {"shape": list(shape), "ours_GBps": moved / t_ours / 1e9, "bnb_GBps": moved / t_bnb / 1e9,
+               "copy_GBps": 2 * n * 2 / t_copy / 1e9, "ratio_to_bnb": t_bnb / t_ours, "bit_exact": exact}
+        row["share_of_copy"] = row["ours_GBps"] / row["copy_GBps"]
+        rows.append(row)
+        print(f"  {shape[0]:5d}×{shape[1]:<5d} course_lib {row['ours_GBps']:7.1f} GB/s   bitsandbytes {row['bnb_GBps']:7.1f} GB/s"
+              f"   ({row['ratio_to_bnb']:.2f}× bnb's throughput)   bf16 copy {row['copy_GBps']:7.1f} GB/s"
+              f" ({row['share_of_copy']:.0%} of it)   bit-exact {exact}")
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
+
+
+BENCHMARKS["nf4"] = bench_nf4
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="course-bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS) or 'none yet'}")
@@ -207,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.name is None:
-        print(f"benchmarks: {', '.join(BENCHMARKS) or 'none yet'}; coming: "
-              + ", ".join(f"{k} arrives with {v}" for k, v in PLANNED.items()))
+        coming = "; coming: " + ", ".join(f"{k} arrives with {v}" for k, v in PLANNED.items()) if PLANNED else ""
+        print(f"benchmarks: {', '.join(BENCHMARKS) or 'none yet'}{coming}")
         return 0
     if args.name not in BENCHMARKS:
         when = f" ({args.name} arrives with {PLANNED[args.name]})" if args.name in PLANNED else ""

@@ -36,3 +36,25 @@ def run_interpreted(code: str) -> str:
 
 def test_multi_lora_kernel_matches_torch_under_the_interpreter():
     assert run_interpreted(MULTI_LORA).strip().endswith("ok")
+
+
+NF4_DEQUANT = textwrap.dedent('''
+    import torch
+    from course_lib.kernels.nf4_dequant import nf4_dequantize_triton
+    from course_lib.nf4 import NF4_CODE, dequantize_nf4_torch, quantize_nf4
+    gen = torch.Generator().manual_seed(0)
+    # block multiples, a tail block, an odd count (half a byte), other block sizes, several programs
+    for shape, blocksize in [((64, 64), 64), ((33, 17), 64), ((5,), 64), ((300, 70), 128), ((3000,), 32)]:
+        w = torch.randn(shape, generator=gen)
+        packed, state = quantize_nf4(w, blocksize=blocksize)
+        ref = dequantize_nf4_torch(packed, state.absmax, w.numel(), blocksize, torch.float32)
+        out = nf4_dequantize_triton(packed, state.absmax, NF4_CODE, w.numel(), blocksize, torch.float32, block=64)
+        assert torch.equal(out, ref), shape
+    print("ok")
+''')
+
+
+def test_nf4_dequant_kernel_is_bit_exact_with_torch_under_the_interpreter():
+    """float32 output: the interpreter's cast to bf16 truncates instead of rounding (REFERENCE.md), so
+    bf16 bit-exactness is checked on a real GPU by `course-bench nf4`."""
+    assert run_interpreted(NF4_DEQUANT).strip().endswith("ok")

@@ -79,8 +79,8 @@ def test_untagged_notebook_is_a_clear_error(tmp_path):
         inject_parameters(nb, {"PROFILE": "cpu"})
 
 
-def test_bench_cli_says_what_is_coming():
+def test_bench_cli_lists_benchmarks_and_rejects_unknown_names():
     out = subprocess.run(["course-bench"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "benchmarks: lora" in out.stdout and "nf4 arrives with lesson 04" in out.stdout
-    out = subprocess.run(["course-bench", "nf4"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "arrives with lesson 04" in out.stderr
+    assert out.returncode == 0 and "benchmarks: lora, sft, nf4" in out.stdout
+    out = subprocess.run(["course-bench", "dpo"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no benchmark 'dpo'" in out.stderr and "available: lora, sft, nf4" in out.stderr
