@@ -215,9 +215,10 @@ def bench_nf4(args: argparse.Namespace) -> dict:
     print(f"nf4 dequant · {torch.cuda.get_device_name() if cuda else 'cpu'} · bf16 output, blocksize 64")
     for shape in shapes:
         w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16).to(device)
-        packed, state = quantize_nf4(w)
-        state.absmax = state.absmax.to(device)
         their_packed, their_state = bnbf.quantize_4bit(w, quant_type="nf4")
+        packed, state = quantize_nf4(w)
+        same_quantization = torch.equal(packed, their_packed) and torch.equal(state.absmax, their_state.absmax)
+        packed, state.absmax = their_packed, their_state.absmax  # dequantize the very same bytes
         exact = torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(their_packed, their_state))
         n = w.numel()
         moved = n // 2 + state.absmax.numel() * 4 + n * 2  # bytes read + written by a dequantization
@@ -225,12 +226,13 @@ def bench_nf4(args: argparse.Namespace) -> dict:
                                   lambda: bnbf.dequantize_4bit(their_packed, their_state), repeats=args.repeats, sync=sync)
         t_copy, _ = alternate(lambda: w.clone(), lambda: None, repeats=args.repeats, sync=sync)
         row = {"shape": list(shape), "ours_GBps": moved / t_ours / 1e9, "bnb_GBps": moved / t_bnb / 1e9,
-               "copy_GBps": 2 * n * 2 / t_copy / 1e9, "ratio_to_bnb": t_bnb / t_ours, "bit_exact": exact}
+               "copy_GBps": 2 * n * 2 / t_copy / 1e9, "ratio_to_bnb": t_bnb / t_ours, "bit_exact": exact,
+               "same_quantization": same_quantization}
         row["share_of_copy"] = row["ours_GBps"] / row["copy_GBps"]
         rows.append(row)
         print(f"  {shape[0]:5d}×{shape[1]:<5d} course_lib {row['ours_GBps']:7.1f} GB/s   bitsandbytes {row['bnb_GBps']:7.1f} GB/s"
               f"   ({row['ratio_to_bnb']:.2f}× bnb's throughput)   bf16 copy {row['copy_GBps']:7.1f} GB/s"
-              f" ({row['share_of_copy']:.0%} of it)   bit-exact {exact}")
+              f" ({row['share_of_copy']:.0%} of it)   dequant bit-exact {exact} · quantize bit-exact {same_quantization}")
     return {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
 
 
