@@ -11,4 +11,5 @@ export PYTHONPATH=$PWD/.gpu_site:$PWD PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, bitsandbytes; print('torch', torch.__version__, '· triton', triton.__version__, '· bitsandbytes', bitsandbytes.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
+timeout 60 python3 benchmarks/gpu_nf4_blocks.py 2>&1 | tail -n 8 | tee "$OUT/blocks.log"
 timeout 240 python3 -m course_lib.bench nf4 --repeats 7 --json "$OUT/nf4.json" 2>&1 | grep -v -i warn | tail -n 8 | tee "$OUT/nf4.log"

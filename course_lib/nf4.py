@@ -174,9 +174,20 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     if packed.is_cuda and state.blocksize % 2 == 0 and _triton_available():
         from .kernels.nf4_dequant import nf4_dequantize_triton
 
-        code = NF4_CODE.to(packed.device)
+        code = _code_on(packed.device)
         return nf4_dequantize_triton(packed, absmax, code, n, state.blocksize, state.dtype).reshape(state.shape)
     return dequantize_nf4_torch(packed, absmax, n, state.blocksize, state.dtype).reshape(state.shape)
+
+
+_CODE_ON_DEVICE: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_on(device: torch.device) -> torch.Tensor:
+    """The 16 levels on ``device``, copied once (a host-to-device copy per call would cost more than the
+    dequantization of a small matrix)."""
+    if device not in _CODE_ON_DEVICE:
+        _CODE_ON_DEVICE[device] = NF4_CODE.to(device)
+    return _CODE_ON_DEVICE[device]
 
 
 def _triton_available() -> bool:
