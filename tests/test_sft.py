@@ -16,7 +16,13 @@ def _rows():
 
 
 def _trl_batch(model, tokenizer, rows, **config):
+    """TRL's collated batch and loss. The trainer gets a copy: it changes the model it is given (it
+    turns on gradient checkpointing), and the session's embedded model is shared by other tests."""
+    import copy
+
     from datasets import Dataset
+
+    model = copy.deepcopy(model)
     from trl import SFTConfig, SFTTrainer
 
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
@@ -122,3 +128,23 @@ def test_bad_rows_get_errors_that_name_the_row(embedded):
         tokenize_messages([[{"role": "user", "content": "hi"}]], tokenizer)
     with pytest.raises(ValueError, match="packing needs max_length"):
         sft_batches(_rows(), tokenizer, 4, packing=True)
+
+
+def test_run_sft_trains_lora_by_default_and_every_weight_on_request(embedded):
+    import copy
+
+    from course_lib.lora import lora_layers
+    from course_lib.sft import run_sft
+    from course_lib.training import TrainConfig
+
+    model, tokenizer = embedded
+    rows = _rows()
+    config = TrainConfig(steps=2, lr=1e-3, progress=False)
+    lora_model = copy.deepcopy(model)
+    run_sft(lora_model, rows, tokenizer, config, batch_size=4, packing=True, max_length=256)
+    assert len(list(lora_layers(lora_model))) == 4 * 7  # all-linear: 4 layers × 7 projections
+    embedding = model.get_input_embeddings().weight
+    assert torch.equal(lora_model.get_input_embeddings().weight, embedding)  # base frozen
+    full = copy.deepcopy(model)
+    run_sft(full, rows, tokenizer, config, batch_size=4, full_finetune=True)
+    assert not list(lora_layers(full)) and not torch.equal(full.get_input_embeddings().weight, embedding)
