@@ -14,14 +14,13 @@ files against peft.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from .lora import PEFT_PREFIX, find_targets
+from .lora import PEFT_PREFIX, find_targets, read_peft_adapter, require_layers, require_modules, write_peft_adapter
 
 # peft's defaults for Llama-style models (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
@@ -132,17 +131,8 @@ def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARG
     return names
 
 
-def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, IA3Linear):
-            yield name, module
-
-
 def _require_layers(model: nn.Module) -> list[tuple[str, IA3Linear]]:
-    layers = list(ia3_layers(model))
-    if not layers:
-        raise ValueError("the model has no IA3 layers: call add_ia3 first")
-    return layers
+    return require_layers(model, IA3Linear, "IA3", "add_ia3")
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -179,39 +169,20 @@ def ia3_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str,
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
     config = getattr(model, "_ia3_config", {}).get(adapter_name)
     if config is None:
         raise KeyError(f"no IA3 adapter named {adapter_name!r} was added with add_ia3")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    (directory / "adapter_config.json").write_text(json.dumps({
+    return write_peft_adapter(directory, {
         "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "fan_in_fan_out": False,
-        "inference_mode": True, "init_ia3_weights": True, **config}, indent=2) + "\n")
-    save_file(ia3_state_dict(model, adapter_name), directory / "adapter_model.safetensors")
-    return directory
+        "inference_mode": True, "init_ia3_weights": True, **config}, ia3_state_dict(model, adapter_name))
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
     """Add the IA3 adapter saved in ``directory`` (by course_lib or peft) to ``model``."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "IA3":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not IA3")
-    tensors = load_file(directory / "adapter_model.safetensors")
+    config, tensors = read_peft_adapter(directory, ["IA3"])
     modules = sorted(k[len(PEFT_PREFIX):].removesuffix(".ia3_l") for k in tensors)
-    known = dict(model.named_modules())
-    absent = [m for m in modules if m not in known]
-    if absent:
-        raise ValueError(f"the adapter in {directory} was saved for another model: it adapts {absent[:3]}, "
-                         f"which this model does not have")
+    require_modules(model, modules, directory)
     ff_suffixes = set(config.get("feedforward_modules") or [])
     ff = [m for m in modules if m.split(".")[-1] in ff_suffixes]
     names = add_ia3(model, modules, ff, adapter_name=adapter_name)

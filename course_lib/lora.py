@@ -225,11 +225,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def _require_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    layers = list(lora_layers(model))
+def require_layers(model: nn.Module, kind: type, method: str, adder: str) -> list[tuple[str, nn.Module]]:
+    """The model's adapter layers of ``kind`` (name, layer), or an error saying how to add them.
+    Shared by every module-injecting method (LoRA, IA3)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
     if not layers:
-        raise ValueError("the model has no LoRA layers: call add_lora first")
+        raise ValueError(f"the model has no {method} layers: call {adder} first")
     return layers
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return require_layers(model, LoRALinear, "LoRA", "add_lora")
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -288,25 +294,19 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """peft's two files: ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = getattr(model, "_lora_config", {}).get(adapter_name)
-    if config is None:
-        raise KeyError(f"no adapter named {adapter_name!r} was added with add_lora")
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, **config}, indent=2) + "\n")
-    save_file(lora_state_dict(model, adapter_name), directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, directory / "adapter_model.safetensors")
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
-    """Add the adapter saved in ``directory`` (by course_lib or peft) to ``model``; returns the adapted layers."""
+def read_peft_adapter(directory: str | Path, peft_types: Iterable[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved adapter, or a clear error: no adapter there, or another method's."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -314,15 +314,38 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not LoRA")
-    tensors = load_file(directory / "adapter_model.safetensors")
-    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    peft_types = list(peft_types)
+    if config.get("peft_type") not in peft_types:
+        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not {' or '.join(peft_types)}")
+    return config, load_file(directory / "adapter_model.safetensors")
+
+
+def require_modules(model: nn.Module, modules: list[str], directory: str | Path) -> None:
+    """Every module a saved adapter adapts must exist in ``model``."""
     known = dict(model.named_modules())
     absent = [m for m in modules if m not in known]
     if absent:
         raise ValueError(f"the adapter in {directory} was saved for another model: it adapts {absent[:3]}, "
                          f"which this model does not have")
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+    config = getattr(model, "_lora_config", {}).get(adapter_name)
+    if config is None:
+        raise KeyError(f"no adapter named {adapter_name!r} was added with add_lora")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return write_peft_adapter(directory, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, **config},
+        lora_state_dict(model, adapter_name))
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
+    """Add the adapter saved in ``directory`` (by course_lib or peft) to ``model``; returns the adapted layers."""
+    config, tensors = read_peft_adapter(directory, ["LORA"])
+    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    require_modules(model, modules, directory)
     names = add_lora(model, modules, r=config["r"], alpha=config["lora_alpha"],
                      dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False),
                      adapter_name=adapter_name)

@@ -19,13 +19,14 @@ peft's file (one tensor, ``prompt_embeddings``: the encoder's output).
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers import DynamicCache
+
+from .lora import read_peft_adapter, write_peft_adapter
 
 Method = Literal["prompt", "p-tuning", "prefix"]
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
@@ -303,22 +304,16 @@ def _peft_config(config: dict, base: str | None) -> dict:
 def save_adapter(model: SoftPromptModel, directory: str | Path, name: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (key ``prompt_embeddings``), the files
     ``PeftModel.from_pretrained`` loads. Like peft, a reparameterised prompt is saved as its output."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, SoftPromptModel):
         raise TypeError("save_adapter needs the SoftPromptModel that add_soft_prompt returned")
     name = name or model.active
     model._require(name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     peft_config = _peft_config(model.prompt_config[name], getattr(model.config, "_name_or_path", None))
     if peft_config["num_attention_heads"] is None:
         peft_config["num_attention_heads"] = model.config.num_attention_heads
-    (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     with torch.no_grad():
         tokens = model.virtual_tokens(name).detach().float().cpu().contiguous()
-    save_file({"prompt_embeddings": tokens}, directory / "adapter_model.safetensors")
-    return directory
+    return write_peft_adapter(directory, peft_config, {"prompt_embeddings": tokens})
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> SoftPromptModel:
@@ -326,19 +321,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
 
     The saved tensor is the encoder's output, so a P-tuning or projected prefix prompt comes back as
     plain virtual tokens — the same logits, fewer parameters (peft does the same in inference mode)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
-    saved = json.loads(config_path.read_text())
     methods = {v: k for k, v in PEFT_TYPES.items()}
-    if saved.get("peft_type") not in methods:
-        raise ValueError(f"{directory} holds a {saved.get('peft_type')} adapter, not a soft prompt "
-                         f"({', '.join(methods)})")
+    saved, tensors = read_peft_adapter(directory, methods)
+    tokens = tensors["prompt_embeddings"]  # (NV, D)
     method = methods[saved["peft_type"]]
-    tokens = load_file(directory / "adapter_model.safetensors")["prompt_embeddings"]  # (NV, D)
     wrapper = add_soft_prompt(model, method, saved["num_virtual_tokens"], name=name)
     config = wrapper.prompt_config[name]
     expected = (config["num_virtual_tokens"],
