@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .lora import PEFT_PREFIX, find_targets, read_peft_adapter, require_layers, require_modules, write_peft_adapter
+from .lora import PEFT_PREFIX, find_targets, matches, read_peft_adapter, require_layers, require_modules, write_peft_adapter
 
 # peft's defaults for Llama-style models (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
@@ -104,9 +104,9 @@ def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARG
     Returns the adapted module names."""
     names = find_targets(model, target_modules)
     if feedforward_modules is None:
-        feedforward_modules = [f for f in DEFAULT_FEEDFORWARD if any(n.endswith("." + f) or n == f for n in names)]
+        feedforward_modules = [f for f in DEFAULT_FEEDFORWARD if any(matches(n, f) for n in names)]
     ff = [feedforward_modules] if isinstance(feedforward_modules, str) else list(feedforward_modules)
-    stray = [f for f in ff if not any(n == f or n.endswith("." + f) for n in names)]
+    stray = [f for f in ff if not any(matches(n, f) for n in names)]
     if stray:
         raise ValueError(f"feedforward_modules {stray} are not among the target modules "
                          f"{sorted({n.split('.')[-1] for n in names})}: a feed-forward module must also be a target")
@@ -115,14 +115,12 @@ def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARG
             if ".ia3_l." not in pname:
                 p.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
+        layer = model.get_submodule(name)
         if not isinstance(layer, IA3Linear):
             if not isinstance(layer, nn.Linear):
                 raise TypeError(f"{name} is a {type(layer).__name__}; IA3 here adapts plain nn.Linear layers")
-            layer = IA3Linear(layer, is_feedforward=any(name == f or name.endswith("." + f) for f in ff))
-            setattr(parent, child, layer)
+            layer = IA3Linear(layer, is_feedforward=any(matches(name, f) for f in ff))
+            model.set_submodule(name, layer)
         layer.add_adapter(adapter_name)
     model._ia3_config = getattr(model, "_ia3_config", {})
     model._ia3_config[adapter_name] = {

@@ -180,13 +180,19 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
         heads = _output_head_names(model)
         return [n for n in linears if n not in heads]
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+    found = [n for n in linears if any(matches(n, t) for t in targets)]
+    missing = [t for t in targets if not any(matches(n, t) for n in linears)]
     if missing:
         suffixes = sorted({n.split(".")[-1] for n in linears})
         raise ValueError(f"target module(s) {missing} match no nn.Linear in the model; "
                          f"linear layer names are {suffixes}")
     return found
+
+
+def matches(name: str, target: str) -> bool:
+    """A target names a module exactly or as a dotted suffix: "v_proj" matches "….self_attn.v_proj",
+    not "….kv_proj"."""
+    return name == target or name.endswith("." + target)
 
 
 def _inside_adapter(name: str) -> bool:
@@ -206,12 +212,10 @@ def add_lora(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", 
     if freeze:
         model.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
+        layer = model.get_submodule(name)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
-            setattr(parent, child, layer)
+            model.set_submodule(name, layer)
         layer.add_adapter(adapter_name, r, alpha, dropout, rslora)
     model._lora_config = getattr(model, "_lora_config", {})
     model._lora_config[adapter_name] = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,

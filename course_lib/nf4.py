@@ -285,7 +285,5 @@ def quantize_model(model: torch.nn.Module, *, blocksize: int = 64, double_quant:
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear(getattr(parent, child), blocksize=blocksize, double_quant=double_quant))
+        model.set_submodule(name, NF4Linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant))
     return names

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .templates import pack_examples, tokenize_messages, tokenize_prompt_and_completion, unpad
+from .templates import pack_examples, pad_right, tokenize_messages, tokenize_prompt_and_completion, unpad
 from .training import History, TrainConfig, train
 
 END_OF_TURN = "<|end|>"  # the embedded chat template closes every turn with it
@@ -74,14 +74,7 @@ def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool =
         chosen = [examples[i] for i in order[start:start + batch_size]]
         if packing:
             return pack_examples(chosen, max_length, pad)
-        width = max(len(e["input_ids"]) for e in chosen)
-        ids = torch.full((len(chosen), width), pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(chosen), width), -100, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)  # (B, T)
-        for r, e in enumerate(chosen):
-            n = len(e["input_ids"])
-            ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad_right([(e["input_ids"], e["labels"]) for e in chosen], pad)
     return batch
 
 

@@ -142,6 +142,9 @@ class SoftPromptModel(nn.Module):
         self.base_model = base_model
         for p in base_model.parameters():
             p.requires_grad_(False)
+        # transformers ≥ 5.2x renamed past_key_values to cache (the old name warns until 5.40); ask once
+        self._cache_kwarg = ("cache" if "cache" in inspect.signature(base_model.forward).parameters
+                             else "past_key_values")
         self.prompts = nn.ModuleDict()
         self.prompt_config: dict[str, dict] = {}
         self.active: str | None = None
@@ -195,11 +198,6 @@ class SoftPromptModel(nn.Module):
             stacked = torch.stack([tokens[n] for n in names])  # (B, NV, D)
         return config, stacked
 
-    @property
-    def _cache_kwarg(self) -> str:
-        # transformers ≥ 5.2x renamed past_key_values to cache (the old name warns until 5.40)
-        return "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
-
     def _prefix_cache(self, config: dict, prefix: torch.Tensor) -> DynamicCache:
         """(B, NV, layers·2·kv_dim) → a cache holding (B, H_kv, NV, head_dim) keys and values per layer;
         a fresh one per forward, because attention appends the real tokens' keys to it."""
@@ -231,7 +229,7 @@ def _shape(model: nn.Module) -> dict:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return {"token_dim": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
+    return {"token_dim": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "num_attention_heads": heads,
             "num_key_value_heads": kv_heads, "kv_dim": kv_heads * head_dim}
 
 
@@ -291,7 +289,7 @@ def _peft_config(config: dict, base: str | None) -> dict:
            "inference_mode": True, "num_virtual_tokens": config["num_virtual_tokens"],
            "token_dim": config["kv_dim"] if prefix else config["token_dim"],
            "num_transformer_submodules": 1, "num_layers": config["num_layers"],
-           "num_attention_heads": config["num_key_value_heads"] if prefix else None}
+           "num_attention_heads": config["num_key_value_heads" if prefix else "num_attention_heads"]}
     if config["method"] == "prompt":
         out["prompt_tuning_init"] = "RANDOM"
     elif config["method"] == "p-tuning":
@@ -309,8 +307,6 @@ def save_adapter(model: SoftPromptModel, directory: str | Path, name: str | None
     name = name or model.active
     model._require(name)
     peft_config = _peft_config(model.prompt_config[name], getattr(model.config, "_name_or_path", None))
-    if peft_config["num_attention_heads"] is None:
-        peft_config["num_attention_heads"] = model.config.num_attention_heads
     with torch.no_grad():
         tokens = model.virtual_tokens(name).detach().float().cpu().contiguous()
     return write_peft_adapter(directory, peft_config, {"prompt_embeddings": tokens})

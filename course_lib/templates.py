@@ -37,7 +37,7 @@ def tokenize_prompt_and_completion(prompts: list[str], completions: list[str], t
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"row {i}: {len(ids)} tokens (prompt {len(prompt_ids)}), over max_length={max_length}")
         rows.append((ids, [-100] * len(prompt_ids) + completion_ids))
-    return _pad_right(rows, tokenizer.pad_token_id)
+    return pad_right(rows, tokenizer.pad_token_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,10 +151,11 @@ def tokenize_messages(conversations: list[list[dict]], tokenizer, max_length: in
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"row {i}: {len(ids)} tokens, over max_length={max_length}")
         rows.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
-    return _pad_right(rows, tokenizer.pad_token_id)
+    return pad_right(rows, tokenizer.pad_token_id)
 
 
-def _pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(ids, labels) rows → right-padded ``input_ids`` (pad_id), ``labels`` (−100) and ``attention_mask``."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T)
