@@ -92,16 +92,31 @@ class LoRALinear(nn.Module):
         # F.linear (one GEMM on the flattened batch, with a fused backward) rather than `x @ A.T`.
         return nn.functional.linear(nn.functional.linear(x, A), B) * self.scaling[name]  # (..., in) → (..., r) → (..., out)
 
+    # The hand-written backward (`LoRAFunction`) is used wherever it applies; False runs the
+    # module-by-module forward and lets autograd derive the backward (the reference it is tested against).
+    fused = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if self.row_adapters is None and name is not None and name not in self.merged_adapters \
+                and self.fused and self._fusable(x, name):
+            return LoRAFunction.apply(x, self.lora_A[name], self.lora_B[name], self.base_layer, self.scaling[name])
         result = self.base_layer(x)  # (B, T, out)
         if self.row_adapters is not None:
             return result + mixed_lora_delta(self, x, self.row_adapters).to(result.dtype)
-        name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return result
         # Add in the adapter's precision, then round once (as peft does): with a bf16 base and float32
         # adapters that is one rounding instead of two.
         return (result + self.lora_output(x, name)).to(result.dtype)
+
+    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+        """LoRAFunction covers the common case: a frozen base, no active dropout, no autocast (autocast
+        would change the dtypes between its forward and its backward)."""
+        dropout = self.lora_dropout[name]
+        base_trains = any(p.requires_grad for p in self.base_layer.parameters())
+        return (not base_trains and (isinstance(dropout, nn.Identity) or not dropout.training)
+                and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
@@ -125,6 +140,52 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: tuple(a.shape)[0] for n, a in self.lora_A.items()}
         return f"adapters(rank)={ranks}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W₀ as a (out, in) matrix: the Linear's weight, or an NF4 layer's weight dequantized (again: QLoRA
+    keeps only the 4-bit copy between forward and backward)."""
+    return base.dequantized_weight(dtype) if isinstance(base, NF4Linear) else base.weight
+
+
+class LoRAFunction(torch.autograd.Function):
+    """y = W₀x + b + s·B(Ax) for a frozen base, with LoRA's backward written out (g = ∂L/∂y):
+
+        ∂L/∂B = s·gᵀ h,    ∂L/∂A = (s·g B)ᵀ x,    ∂L/∂x = g W₀ + (s·g B) A,     h = A x
+
+    The forward performs the module-by-module forward's operations in the same order and precision,
+    so outputs are bit-identical to it (and to peft). The saving is in what is kept for the backward.
+    With a bf16 base and float32 adapters autograd keeps, for every adapted layer, a float32 copy of
+    the layer's input (∂L/∂A needs it; the frozen base itself needs nothing). Here the bf16 input is
+    kept instead, cast again in the backward (one cheap elementwise pass): half the bytes, and one
+    copy for all the layers that read the same input (q, k and v; gate and up). The final add and
+    cast are also one kernel in each direction instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base, scaling):
+        result = nn.functional.linear(x, _base_weight(base, x.dtype), base.bias)  # (..., out), x's dtype
+        h = nn.functional.linear(x.to(A.dtype), A)  # (..., r), adapter dtype
+        delta = nn.functional.linear(h, B).mul_(scaling)  # (..., out)
+        torch.add(result, delta, out=result)  # summed in the adapter's precision, rounded once to x's dtype
+        ctx.save_for_backward(x, A, B, h)
+        ctx.base, ctx.scaling = base, scaling
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., out) in x's dtype
+        x, A, B, h = ctx.saved_tensors
+        grad_delta = grad.to(A.dtype) * ctx.scaling  # (..., out): ∂L/∂(BAx) in the adapter's precision
+        grad_h = grad_delta.matmul(B)  # (..., r)
+        grad_A = grad_B = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_A = grad_h.reshape(-1, grad_h.shape[-1]).t().mm(x.to(A.dtype).reshape(-1, x.shape[-1]))  # (r, in)
+        if ctx.needs_input_grad[2]:
+            grad_B = grad_delta.reshape(-1, grad_delta.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))  # (out, r)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(_base_weight(ctx.base, grad.dtype))  # (..., in) through the frozen base
+            torch.add(grad_x, grad_h.matmul(A), out=grad_x)  # + the adapter's path, rounded once
+        return grad_x, grad_A, grad_B, None, None
 
 
 def _weight_like(base: nn.Module) -> torch.Tensor:

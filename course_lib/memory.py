@@ -3,7 +3,8 @@
 The seed estimates serving memory as ``params × 4 B / (32 / bits) × 1.2`` — the weights at the
 given precision plus 20 % overhead. `estimate_serving_memory_gb` is that formula;
 `measure_peak_memory` measures the peak of a piece of code (CUDA allocator peak on a GPU, the
-process' peak resident set on a CPU) so the lessons can put the two side by side.
+process' peak resident set on a CPU) so the lessons can put the two side by side. `saved_activation_bytes` counts exactly what autograd keeps for the backward
+pass — the activation memory of training — on any device, so it can be compared on a CPU too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -103,3 +104,21 @@ def _sampled_peak(fn: Callable[[], Any]) -> tuple[Any, PeakMemory]:
         done.set()
         thread.join()
     return result, PeakMemory(max(0, peak[0] - start), "sampled RSS")
+
+
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> tuple[Any, int]:
+    """Run ``fn()`` and return ``(result, bytes)``: the storage of every tensor autograd saved for the
+    backward pass while it ran, each storage counted once (views of one tensor share it), leaving out
+    the storages of ``exclude`` (pass the model's parameters: weights are not activations)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(seen.values())

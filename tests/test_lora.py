@@ -196,3 +196,114 @@ def test_bf16_base_keeps_float32_adapters_like_peft():
     randomize_B(theirs, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=0, atol=0)
+
+
+def _layer_grads(layer, x, grad, fused):
+    from course_lib.lora import LoRALinear
+
+    LoRALinear.fused, x.grad = fused, None
+    layer.zero_grad()
+    try:
+        y = layer(x)
+        y.backward(grad)
+    finally:
+        LoRALinear.fused = True
+    return y.detach(), x.grad.clone(), layer.lora_A["default"].grad.clone(), layer.lora_B["default"].grad.clone()
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "linear+bias", "nf4"])
+def test_hand_written_backward_equals_autograd_bit_for_bit_in_float32(base_kind):
+    from course_lib.lora import LoRALinear
+    from course_lib.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=base_kind == "linear+bias").requires_grad_(False)
+    layer = LoRALinear(NF4Linear(linear) if base_kind == "nf4" else linear)
+    layer.add_adapter("default", r=8, alpha=12)  # s = 1.5: not a power of two, so its rounding shows
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    fused, plain = _layer_grads(layer, x, grad, True), _layer_grads(layer, x, grad, False)
+    for name, a, b in zip(["output", "x.grad", "A.grad", "B.grad"], fused, plain):
+        assert torch.equal(a, b), name
+
+
+def test_hand_written_backward_in_bf16_rounds_the_input_gradient_once():
+    """bf16 base, float32 adapters: output and adapter gradients are bit-identical to autograd's; the
+    input gradient is summed in float32 and rounded once (autograd rounds the adapter's share to bf16
+    first), so it is at least as close to the float64 answer."""
+    from course_lib.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).requires_grad_(False))
+    layer.add_adapter("default", r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+    fused, plain = _layer_grads(layer, x, grad, True), _layer_grads(layer, x, grad, False)
+    for name, a, b in zip(["output", "A.grad", "B.grad"], [fused[0], *fused[2:]], [plain[0], *plain[2:]]):
+        assert torch.equal(a, b), name
+    A, B, W = (t.double() for t in (layer.lora_A["default"], layer.lora_B["default"], layer.base_layer.weight))
+    exact = grad.double() @ W + (grad.double() * 2.0) @ B @ A
+    assert not torch.equal(fused[1], plain[1])  # the two roundings really differ somewhere
+    assert (fused[1].double() - exact).abs().max() <= (plain[1].double() - exact).abs().max()
+
+
+def test_autograd_path_is_used_where_the_hand_written_one_does_not_apply(monkeypatch):
+    from course_lib import lora
+    from course_lib.lora import LoRALinear
+
+    def refuse(*args):
+        raise AssertionError("LoRAFunction used")
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    dropped = LoRALinear(torch.nn.Linear(16, 8).requires_grad_(False))
+    dropped.add_adapter("default", r=2, alpha=4, dropout=0.5)
+    trainable_base = LoRALinear(torch.nn.Linear(16, 8))
+    trainable_base.add_adapter("default", r=2, alpha=4)
+    plain = LoRALinear(torch.nn.Linear(16, 8).requires_grad_(False))
+    plain.add_adapter("default", r=2, alpha=4)
+    monkeypatch.setattr(lora.LoRAFunction, "apply", refuse)
+    dropped(x).sum().backward()  # dropout active in training: the mask lives in autograd's graph
+    trainable_base(x).sum().backward()
+    assert trainable_base.base_layer.weight.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(x)
+    with pytest.raises(AssertionError, match="LoRAFunction used"):
+        plain(x)
+
+
+def test_bf16_training_keeps_no_float32_copy_of_each_layer_input():
+    """What autograd keeps for the backward pass, counted exactly: peft keeps a float32 copy of every
+    adapted layer's input (for ∂L/∂A); course_lib keeps the bf16 input, once for the layers that read
+    the same tensor (q, k, v; gate, up). Same logits, gradients as close to peft's as bf16 allows."""
+    from course_lib.memory import saved_activation_bytes
+
+    ours, theirs = tiny_llama(seed=0).to(torch.bfloat16), tiny_llama(seed=0).to(torch.bfloat16)
+    torch.manual_seed(7)
+    names = add_lora(ours, "all-linear", r=4, alpha=8)
+    torch.manual_seed(7)
+    theirs = peft_model(theirs, r=4, lora_alpha=8, target_modules="all-linear")
+    randomize_B(ours, 8)
+    randomize_B(theirs, 8)
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    out_ours, saved_ours = saved_activation_bytes(lambda: ours(ids, labels=ids), exclude=ours.parameters())
+    out_theirs, saved_theirs = saved_activation_bytes(lambda: theirs(input_ids=ids, labels=ids),
+                                                      exclude=theirs.parameters())
+    assert torch.equal(out_ours.logits, out_theirs.logits)
+    float32_copies = sum(ids.numel() * ours.get_submodule(n).in_features * 4 for n in names)
+    first_readers = [n for n in names if n.endswith(("q_proj", "o_proj", "gate_proj", "down_proj"))]
+    bf16_inputs = sum(ids.numel() * ours.get_submodule(n).in_features * 2 for n in first_readers)
+    # at most one bf16 input per group of readers is new storage (o_proj's input can be a view of the
+    # attention output that attention keeps anyway, depending on the attention kernel)
+    assert float32_copies - bf16_inputs <= saved_theirs - saved_ours <= float32_copies
+    out_ours.loss.backward(), out_theirs.loss.backward()
+    grads_theirs = {n.replace("base_model.model.", "").replace(".default.weight", ".default"): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            theirs_grad = grads_theirs[name]  # bf16 activations: differences at bf16 rounding level
+            assert (p.grad - theirs_grad).abs().max() <= 0.01 * theirs_grad.abs().max(), name
