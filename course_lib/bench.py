@@ -68,11 +68,11 @@ def bench_lora(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
 
     from .lora import BASE, add_lora, mixed_batch
-    from .memory import measure_peak_memory
+    from .memory import measure_peak_memory, saved_activation_bytes
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda or args.bf16 else torch.float32
     shape = "tinyllama" if cuda else "embedded"
     batch, length = (8, 512) if cuda else (8, 256)
     targets = "all-linear"
@@ -95,6 +95,9 @@ def bench_lora(args: argparse.Namespace) -> dict:
     # mostly reflects what the allocator cached in the warm-up steps, so it is not compared there.
     mem_ours = measure_peak_memory(step(ours), device)[1] if cuda else None
     mem_theirs = measure_peak_memory(step(theirs), device)[1] if cuda else None
+    # What autograd keeps for the backward pass, counted tensor by tensor: exact on any device.
+    saved = [saved_activation_bytes(lambda: model(input_ids=ids, labels=ids).loss.item(), exclude=model.parameters())[1]
+             for model in (ours, theirs)]
 
     # Serving: 4 adapters + base rows mixed in one batch.
     names = ["a", "b", "c"]
@@ -117,11 +120,13 @@ def bench_lora(args: argparse.Namespace) -> dict:
               "batch": f"{batch}x{length}", "train_step_s": [t_ours, t_theirs], "train_step_ratio": t_ours / t_theirs,
               "peak_mb": [mem_ours.mb, mem_theirs.mb] if cuda else None,
               "peak_ratio": mem_ours.mb / mem_theirs.mb if cuda else None,
+              "saved_activation_mb": [b / 1e6 for b in saved], "saved_activation_ratio": saved[0] / saved[1],
               "mixed_serve_s": [s_ours, s_theirs], "mixed_serve_ratio": s_ours / s_theirs}
     print(f"lora · {result['device']} · {shape} {dtype} batch {batch}×{length} · r=16 all-linear")
     print(f"  train step      course_lib {t_ours * 1e3:8.1f} ms   peft {t_theirs * 1e3:8.1f} ms   ratio {t_ours / t_theirs:.2f}×")
     if cuda:
         print(f"  peak step memory course_lib {mem_ours.mb:7.1f} MB   peft {mem_theirs.mb:8.1f} MB   ratio {result['peak_ratio']:.2f}×")
+    print(f"  kept for backward course_lib {saved[0] / 1e6:7.1f} MB   peft {saved[1] / 1e6:8.1f} MB   ratio {saved[0] / saved[1]:.2f}×")
     print(f"  mixed serving   course_lib {s_ours * 1e3:8.1f} ms   peft {s_theirs * 1e3:8.1f} ms   ratio {s_ours / s_theirs:.2f}×  (4 adapters + base rows)")
     return result
 
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS) or 'none yet'}")
     parser.add_argument("--repeats", type=int, default=5, help="timed A/B rounds (median reported)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--bf16", action="store_true", help="lora: a bf16 model on the CPU too (the GPU always uses bf16)")
     args = parser.parse_args(argv)
     if args.name is None:
         coming = "; coming: " + ", ".join(f"{k} arrives with {v}" for k, v in PLANNED.items()) if PLANNED else ""

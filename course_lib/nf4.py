@@ -159,41 +159,58 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """ŵ = c[q] · absmax(block), computed in float32 and cast to the original dtype and shape."""
     if not isinstance(state, NF4State):
         raise TypeError("dequantize_nf4 needs the NF4State that quantize_nf4 returned with this tensor")
-    n = int(torch.Size(state.shape).numel())
+    n = state.shape.numel() if isinstance(state.shape, torch.Size) else torch.Size(state.shape).numel()
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed tensor does not match its state: {packed.numel()} bytes of {packed.dtype} for "
                          f"{n} values (expected {(n + 1) // 2} uint8) — was it quantized with another state?")
+    absmax = _block_scales(state)
     blocks = -(-n // state.blocksize)
-    if state.double_quant:
-        absmax = dequantize_blockwise_8bit(state.absmax, state.absmax_scale, state.absmax_blocksize) + state.offset
-    else:
-        absmax = state.absmax
     if absmax.numel() != blocks:
         raise ValueError(f"the state holds {absmax.numel()} block scales; {n} values in blocks of "
                          f"{state.blocksize} need {blocks}")
-    if packed.is_cuda and state.blocksize % 2 == 0 and _triton_available():
-        from .kernels.nf4_dequant import nf4_dequantize_triton
+    return _dequantize(packed, absmax, state.shape, state.blocksize, state.dtype)
 
-        code = _code_on(packed.device)
-        return nf4_dequantize_triton(packed, absmax, code, n, state.blocksize, state.dtype).reshape(state.shape)
-    return dequantize_nf4_torch(packed, absmax, n, state.blocksize, state.dtype).reshape(state.shape)
+
+def _block_scales(state: NF4State) -> torch.Tensor:
+    """One float32 absmax per block (undoing the double quantization if there is one)."""
+    if state.double_quant:
+        return dequantize_blockwise_8bit(state.absmax, state.absmax_scale, state.absmax_blocksize) + state.offset
+    return state.absmax
+
+
+def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, blocksize: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The checked-elsewhere core: the Triton kernel for CUDA tensors, the torch path otherwise. On a
+    GPU a 4096 × 4096 dequantization takes ~10 µs, as long as the Python around the launch, so this
+    path does no more than it must: no re-checks, no reshapes, no host-to-device copies."""
+    if packed.is_cuda and _TRITON[0] is not False and blocksize % 2 == 0:
+        launch = _triton_launcher()
+        if launch is not None:
+            return launch(packed, absmax, _code_on(packed.device), shape, blocksize, dtype)
+    n = shape.numel() if isinstance(shape, torch.Size) else torch.Size(shape).numel()
+    return dequantize_nf4_torch(packed, absmax, n, blocksize, dtype).reshape(shape)
 
 
 _CODE_ON_DEVICE: dict[torch.device, torch.Tensor] = {}
+_TRITON: list = [None]  # the kernel's launch function once imported; False where triton is absent
 
 
 def _code_on(device: torch.device) -> torch.Tensor:
     """The 16 levels on ``device``, copied once (a host-to-device copy per call would cost more than the
     dequantization of a small matrix)."""
-    if device not in _CODE_ON_DEVICE:
-        _CODE_ON_DEVICE[device] = NF4_CODE.to(device)
-    return _CODE_ON_DEVICE[device]
+    code = _CODE_ON_DEVICE.get(device)
+    if code is None:
+        code = _CODE_ON_DEVICE[device] = NF4_CODE.to(device)
+    return code
 
 
-def _triton_available() -> bool:
-    from .kernels import nf4_dequant
+def _triton_launcher():
+    """``nf4_dequantize_triton``, imported on first use (None where triton is not installed)."""
+    if _TRITON[0] is None:
+        from .kernels import nf4_dequant
 
-    return nf4_dequant.triton is not None
+        _TRITON[0] = nf4_dequant.nf4_dequantize_triton if nf4_dequant.triton is not None else False
+    return _TRITON[0] or None
 
 
 _PAIR_TABLE = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1)  # (256, 2): byte → (hi, lo)
@@ -266,7 +283,12 @@ class NF4Linear(torch.nn.Module):
                         absmax_scale=self.absmax_scale, offset=None if self.offset is None else self.offset[0])
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_nf4(self.packed, self.state).to(dtype or self.weight_dtype)
+        """(out, in) in ``dtype``. Runs twice per training step, so it skips dequantize_nf4's checks:
+        the buffers were made consistent by the constructor."""
+        absmax = self.absmax if not self.double_quant else _block_scales(self.state)
+        weight = _dequantize(self.packed, absmax, torch.Size((self.out_features, self.in_features)), self.blocksize,
+                             self.weight_dtype)
+        return weight if dtype is None else weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _NF4LinearFunction.apply(x, self, self.bias)

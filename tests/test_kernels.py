@@ -50,6 +50,8 @@ NF4_DEQUANT = textwrap.dedent('''
         ref = dequantize_nf4_torch(packed, state.absmax, w.numel(), blocksize, torch.float32)
         out = nf4_dequantize_triton(packed, state.absmax, NF4_CODE, w.numel(), blocksize, torch.float32, block=64)
         assert torch.equal(out, ref), shape
+        shaped = nf4_dequantize_triton(packed, state.absmax, NF4_CODE, w.shape, blocksize, torch.float32, block=64)
+        assert shaped.shape == w.shape and torch.equal(shaped.reshape(-1), ref), shape
     print("ok")
 ''')
 

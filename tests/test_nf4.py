@@ -150,3 +150,15 @@ def test_qlora_equals_lora_on_the_dequantized_model():
     with pytest.raises(RuntimeError, match="cannot merge LoRA into a 4-bit"):
         merge_lora(quantized)
     assert all(isinstance(quantized.get_submodule(n).base_layer, NF4Linear) for n in names)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_weight_is_the_checked_dequantization(double_quant):
+    """NF4Linear skips dequantize_nf4's checks on its hot path; its weight must still be exactly it."""
+    from course_lib.nf4 import NF4Linear, dequantize_nf4
+
+    torch.manual_seed(0)
+    layer = NF4Linear(torch.nn.Linear(96, 40).to(torch.bfloat16), double_quant=double_quant)
+    expected = dequantize_nf4(layer.packed, layer.state)
+    assert layer.dequantized_weight().dtype == torch.bfloat16 and torch.equal(layer.dequantized_weight(), expected)
+    assert torch.equal(layer.dequantized_weight(torch.float32), expected.float())
