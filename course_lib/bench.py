@@ -23,37 +23,50 @@ PLANNED: dict[str, str] = {}
 def alternate(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
               sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Median seconds of ``a`` and ``b``, run alternately so drift in machine load hits both alike."""
+    t_a, t_b = alternate_all([a, b], repeats=repeats, warmup=warmup, sync=sync)
+    return t_a, t_b
+
+
+def alternate_all(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+                  sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Median seconds of each function, run in turn (A/B/C/A/B/C…)."""
     for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
+        for fn, spent in zip(fns, times):
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _base_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """The embedded model, or a seeded random-init model of a named shape (``SHAPES``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import load_model
+
+    if shape == "embedded":
+        return load_model(None, device=device, dtype=dtype)[0]
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: a 1.1 B model is slow to build on a CPU
+        return LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(dtype)
 
 
 def _lora_models(shape: str, device: torch.device, dtype: torch.dtype, r: int, targets):
     """The same base model twice: one with course_lib LoRA, one with peft LoRA (same adapters)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from .lora import add_lora
-    from .models import load_model
 
-    def base():
-        if shape == "embedded":
-            return load_model(None, device=device, dtype=dtype)[0]
-        torch.manual_seed(0)
-        with torch.device(device):  # initialise on the GPU: a 1.1 B model is slow to build on a CPU
-            return LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(dtype)
-
-    ours = base()
+    ours = _base_model(shape, device, dtype)
     add_lora(ours, targets, r=r, alpha=2 * r)
-    theirs = get_peft_model(base(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
+    theirs = get_peft_model(_base_model(shape, device, dtype),
+                            LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
     return ours, theirs
 
 
@@ -243,14 +256,143 @@ def bench_nf4(args: argparse.Namespace) -> dict:
                "copy_GBps": 2 * n * 2 / t_copy / 1e9, "ratio_to_bnb": t_bnb / t_ours, "bit_exact": exact,
                "same_quantization": same_quantization}
         row["share_of_copy"] = row["ours_GBps"] / row["copy_GBps"]
-        rows.append(row)
         print(f"  {shape[0]:5d}×{shape[1]:<5d} course_lib {row['ours_GBps']:7.1f} GB/s   bitsandbytes {row['bnb_GBps']:7.1f} GB/s"
               f"   ({row['ratio_to_bnb']:.2f}× bnb's throughput)   bf16 copy {row['copy_GBps']:7.1f} GB/s"
               f" ({row['share_of_copy']:.0%} of it)   dequant bit-exact {exact} · quantize bit-exact {same_quantization}")
+
+        # Double quantization: the absmax values themselves in 8 bits (bnb's compress_statistics).
+        dq_packed, dq_state = quantize_nf4(w, double_quant=True)
+        their_packed, their_state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        agree = (dq_state.absmax == their_state.absmax).float().mean().item()  # 8-bit absmax indices
+        dq_same = (torch.equal(dq_packed, their_packed) and torch.equal(dq_state.offset, their_state.offset)
+                   and torch.equal(dq_state.absmax_scale, their_state.state2.absmax))
+        dq_state.absmax = their_state.absmax  # dequantize the very same bytes
+        dq_exact = torch.equal(dequantize_nf4(dq_packed, dq_state), bnbf.dequantize_4bit(their_packed, their_state))
+        t_ours, t_bnb = alternate(many(lambda: dequantize_nf4(dq_packed, dq_state)),
+                                  many(lambda: bnbf.dequantize_4bit(their_packed, their_state)),
+                                  repeats=args.repeats, sync=sync)
+        row.update(dq_ratio_to_bnb=t_bnb / t_ours, dq_us=[t_ours / inner * 1e6, t_bnb / inner * 1e6],
+                   dq_bit_exact=dq_exact, dq_same_except_absmax=dq_same, dq_absmax_index_agreement=agree)
+        print(f"              double quant: course_lib {row['dq_us'][0]:7.1f} µs   bitsandbytes {row['dq_us'][1]:7.1f} µs"
+              f"   ({row['dq_ratio_to_bnb']:.2f}× bnb's throughput)   dequant bit-exact {dq_exact} · 4-bit data, offset"
+              f" and scales equal {dq_same} · 8-bit absmax indices equal {agree:.2%}")
+        rows.append(row)
     return {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
 
 
 BENCHMARKS["nf4"] = bench_nf4
+
+
+def _bnb_qlora(model: torch.nn.Module, r: int, compute_dtype: torch.dtype):
+    """bitsandbytes + peft QLoRA: every Linear but the head → ``bnb.nn.Linear4bit`` (NF4, double quant),
+    then peft LoRA on all linear layers (no ``prepare_model_for_kbit_training``: it would upcast the
+    norms and embeddings to float32, which course_lib's QLoRA does not do either)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        model.set_submodule(name, layer.to(linear.weight.device))  # the move to the device quantizes
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def bench_qlora(args: argparse.Namespace) -> dict:
+    """QLoRA vs LoRA on the same model and batch: memory and time per training step, with and without
+    gradient checkpointing (the seed: "QLoRA: 33% less memory for 33% more time"). course_lib's QLoRA
+    (NF4 + double quant + LoRA) and, where bitsandbytes runs, bitsandbytes + peft's."""
+    import gc
+
+    from .lora import add_lora
+    from .nf4 import quantize_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = "tinyllama" if cuda else "embedded"
+    batch, length = (8, 512) if cuda else (4, 128)
+    r = 16
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    import importlib.util
+
+    kinds = ["LoRA (course_lib)", "QLoRA (course_lib)"]
+    kinds += ["QLoRA (bitsandbytes + peft)"] if importlib.util.find_spec("bitsandbytes") else []
+
+    def build(kind: str):
+        model = _base_model(shape, device, dtype)
+        if kind == "QLoRA (bitsandbytes + peft)":
+            return _bnb_qlora(model, r, dtype)
+        if kind.startswith("QLoRA"):
+            quantize_model(model, double_quant=True)
+        add_lora(model, "all-linear", r=r, alpha=2 * r)
+        return model
+
+    models, steps, rows = {}, {}, []
+    for kind in kinds:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated() if cuda else 0
+        model = models[kind] = build(kind)
+        weights = (torch.cuda.memory_allocated() - start) if cuda else None
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer, ids=ids):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[kind] = step
+        for checkpointing in (False, True):
+            _set_checkpointing(model, checkpointing)
+            step()  # warm-up: optimizer state, kernels compiled
+            peak = None
+            if cuda:
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                sync()
+                peak = torch.cuda.max_memory_allocated() - start
+            rows.append({"kind": kind, "checkpointing": checkpointing, "weights_gib": weights and weights / 2 ** 30,
+                         "peak_gib": peak and peak / 2 ** 30})
+    for checkpointing in (False, True):
+        for model in models.values():
+            _set_checkpointing(model, checkpointing)
+        times = alternate_all([steps[k] for k in kinds], repeats=args.repeats, sync=sync)
+        for kind, seconds in zip(kinds, times):
+            next(row for row in rows if row["kind"] == kind and row["checkpointing"] == checkpointing)["step_s"] = seconds
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"qlora · {device_name} · {shape} {dtype} batch {batch}×{length} · r={r} all-linear · NF4 + double quant")
+    print(f"  {'':30s} {'checkpointing':>13s} {'weights':>9s} {'peak':>9s} {'s/step':>8s}   vs LoRA (memory, time)")
+    for row in rows:
+        ref = next(x for x in rows if x["kind"] == kinds[0] and x["checkpointing"] == row["checkpointing"])
+        row["time_vs_lora"] = row["step_s"] / ref["step_s"]
+        row["memory_vs_lora"] = row["peak_gib"] / ref["peak_gib"] if cuda else None
+        memory = (f"{row['weights_gib']:7.2f} G {row['peak_gib']:7.2f} G" if cuda else f"{'n/a':>9s} {'n/a':>9s}")
+        versus = (f"{row['memory_vs_lora'] - 1:+.0%}, " if cuda else "") + f"{row['time_vs_lora'] - 1:+.0%}"
+        print(f"  {row['kind']:30s} {'on' if row['checkpointing'] else 'off':>13s} {memory} {row['step_s']:8.3f}   {versus}")
+    return {"device": device_name, "shape": shape, "dtype": str(dtype), "batch": f"{batch}x{length}", "rows": rows}
+
+
+def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Gradient checkpointing (non-reentrant: the frozen embeddings' output needs no gradient) on or off."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+
+
+BENCHMARKS["qlora"] = bench_qlora
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     absmax, scaled = _blockwise_absmax_scale(flat, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    index = torch.bucketize(scaled, NF4_BOUNDS.to(scaled.device)).to(torch.uint8)  # nearest level, ties low
+    index = torch.bucketize(scaled, _on_device(NF4_BOUNDS, scaled.device)).to(torch.uint8)  # nearest level, ties low
     packed = ((index[0::2] << 4) | index[1::2]).unsqueeze(1)  # first element in the high nibble
     state = NF4State(shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=absmax)
     if double_quant:
@@ -141,7 +141,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
     Nearest rounding; bitsandbytes' CPU kernel instead looks the value up in a 65 536-entry table, which
     picks a neighbouring index for a small share of values (tests/test_nf4.py measures how many)."""
     absmax, scaled = _blockwise_absmax_scale(x.reshape(-1).float(), blocksize)
-    levels = DYNAMIC_MAP.to(scaled.device)  # ascending
+    levels = _on_device(DYNAMIC_MAP, scaled.device)  # ascending
     right = torch.searchsorted(levels, scaled).clamp(1, len(levels) - 1)
     left = right - 1
     nearest = torch.where((scaled - levels[left]).abs() <= (levels[right] - scaled).abs(), left, right)
@@ -149,7 +149,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
-    values = DYNAMIC_MAP.to(q.device)[q.long()]  # (n,) float32
+    values = _on_device(DYNAMIC_MAP, q.device).index_select(0, q.reshape(-1).int())  # (n,) float32
     n = values.numel()
     per_element = absmax.repeat_interleave(blocksize)[:n]
     return values * per_element
@@ -191,17 +191,22 @@ def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, b
     return dequantize_nf4_torch(packed, absmax, n, blocksize, dtype).reshape(shape)
 
 
-_CODE_ON_DEVICE: dict[torch.device, torch.Tensor] = {}
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
 _TRITON: list = [None]  # the kernel's launch function once imported; False where triton is absent
 
 
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant table (NF4_CODE, DYNAMIC_MAP) on ``device``, copied once: a host-to-device copy per
+    call would cost more than the dequantization of a small matrix."""
+    key = (id(table), device)
+    copy = _ON_DEVICE.get(key)
+    if copy is None:
+        copy = _ON_DEVICE[key] = table.to(device)
+    return copy
+
+
 def _code_on(device: torch.device) -> torch.Tensor:
-    """The 16 levels on ``device``, copied once (a host-to-device copy per call would cost more than the
-    dequantization of a small matrix)."""
-    code = _CODE_ON_DEVICE.get(device)
-    if code is None:
-        code = _CODE_ON_DEVICE[device] = NF4_CODE.to(device)
-    return code
+    return _on_device(NF4_CODE, device)
 
 
 def _triton_launcher():
@@ -224,7 +229,7 @@ def dequantize_nf4_torch(packed: torch.Tensor, absmax: torch.Tensor, n: int, blo
     masks), and the work runs in chunks whose float32 intermediates stay in the CPU cache: about 4×
     faster than the obvious unpack-gather-repeat version on two cores."""
     flat = packed.reshape(-1)
-    table, absmax = _PAIR_TABLE.to(flat.device), absmax.float()
+    table, absmax = _on_device(_PAIR_TABLE, flat.device), absmax.float()
     out = torch.empty(n, dtype=dtype, device=flat.device)
     full = n - n % blocksize  # values in whole blocks (an even count)
     full_bytes, step = full // 2, max(chunk_bytes - chunk_bytes % (blocksize // 2), blocksize // 2)

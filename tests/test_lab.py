@@ -81,6 +81,6 @@ def test_untagged_notebook_is_a_clear_error(tmp_path):
 
 def test_bench_cli_lists_benchmarks_and_rejects_unknown_names():
     out = subprocess.run(["course-bench"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "benchmarks: lora, sft, nf4" in out.stdout
+    assert out.returncode == 0 and "benchmarks: lora, sft, nf4, qlora" in out.stdout
     out = subprocess.run(["course-bench", "dpo"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "no benchmark 'dpo'" in out.stderr and "available: lora, sft, nf4" in out.stderr
+    assert out.returncode == 2 and "no benchmark 'dpo'" in out.stderr and "available: lora, sft, nf4, qlora" in out.stderr
