@@ -162,3 +162,16 @@ def test_nf4_linear_weight_is_the_checked_dequantization(double_quant):
     expected = dequantize_nf4(layer.packed, layer.state)
     assert layer.dequantized_weight().dtype == torch.bfloat16 and torch.equal(layer.dequantized_weight(), expected)
     assert torch.equal(layer.dequantized_weight(torch.float32), expected.float())
+
+
+@pytest.mark.parametrize("chunk_bytes", [32, 100, 1 << 18])
+def test_torch_path_is_the_same_for_any_chunking(chunk_bytes):
+    """The torch path works through the packed bytes in chunks (whole blocks each); chunk edges, a
+    chunk size that is not a multiple of the block and a partial last block must not change a bit."""
+    from course_lib.nf4 import dequantize_nf4_torch
+
+    w = torch.randn(3 * 1000 + 17, generator=torch.Generator().manual_seed(3))
+    packed, state = quantize_nf4(w)
+    their_packed, their_state = bnbf.quantize_4bit(w, quant_type="nf4")
+    out = dequantize_nf4_torch(packed, state.absmax, w.numel(), 64, torch.float32, chunk_bytes=chunk_bytes)
+    assert torch.equal(out, bnbf.dequantize_4bit(their_packed, their_state).reshape(-1))
