@@ -80,7 +80,7 @@ def bench_lora(args: argparse.Namespace) -> dict:
     """LoRA train step and mixed-adapter serving: course_lib vs peft on the same model and batch."""
     from peft import LoraConfig
 
-    from .lora import BASE, add_lora, mixed_batch
+    from .lora import BASE, LoRALinear, add_lora, mixed_batch
     from .memory import measure_peak_memory, saved_activation_bytes
 
     cuda = torch.cuda.is_available()
@@ -103,7 +103,17 @@ def bench_lora(args: argparse.Namespace) -> dict:
             optimizers[id(model)].zero_grad(set_to_none=True)
         return run
 
-    t_ours, t_theirs = alternate(step(ours), step(theirs), repeats=args.repeats, sync=sync)
+    def autograd_path(run):  # course_lib with autograd's backward (LoRALinear.fused = False), for attribution
+        def wrapped():
+            LoRALinear.fused = False
+            try:
+                run()
+            finally:
+                LoRALinear.fused = True
+        return wrapped
+
+    t_ours, t_theirs, t_autograd = alternate_all([step(ours), step(theirs), autograd_path(step(ours))],
+                                                 repeats=args.repeats, sync=sync)
     # CUDA's allocator statistics isolate one step exactly; on a CPU the process' resident memory
     # mostly reflects what the allocator cached in the warm-up steps, so it is not compared there.
     mem_ours = measure_peak_memory(step(ours), device)[1] if cuda else None
@@ -131,12 +141,14 @@ def bench_lora(args: argparse.Namespace) -> dict:
     s_ours, s_theirs = alternate(serve_ours, serve_theirs, repeats=args.repeats, sync=sync)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape, "dtype": str(dtype),
               "batch": f"{batch}x{length}", "train_step_s": [t_ours, t_theirs], "train_step_ratio": t_ours / t_theirs,
+              "train_step_autograd_backward_s": t_autograd,
               "peak_mb": [mem_ours.mb, mem_theirs.mb] if cuda else None,
               "peak_ratio": mem_ours.mb / mem_theirs.mb if cuda else None,
               "saved_activation_mb": [b / 1e6 for b in saved], "saved_activation_ratio": saved[0] / saved[1],
               "mixed_serve_s": [s_ours, s_theirs], "mixed_serve_ratio": s_ours / s_theirs}
     print(f"lora · {result['device']} · {shape} {dtype} batch {batch}×{length} · r=16 all-linear")
-    print(f"  train step      course_lib {t_ours * 1e3:8.1f} ms   peft {t_theirs * 1e3:8.1f} ms   ratio {t_ours / t_theirs:.2f}×")
+    print(f"  train step      course_lib {t_ours * 1e3:8.1f} ms   peft {t_theirs * 1e3:8.1f} ms   ratio {t_ours / t_theirs:.2f}×"
+          f"   (course_lib with autograd's backward: {t_autograd * 1e3:.1f} ms)")
     if cuda:
         print(f"  peak step memory course_lib {mem_ours.mb:7.1f} MB   peft {mem_theirs.mb:8.1f} MB   ratio {result['peak_ratio']:.2f}×")
     print(f"  kept for backward course_lib {saved[0] / 1e6:7.1f} MB   peft {saved[1] / 1e6:8.1f} MB   ratio {saved[0] / saved[1]:.2f}×")

@@ -175,7 +175,8 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (..., out) in x's dtype
         x, A, B, h = ctx.saved_tensors
-        grad_delta = grad.to(A.dtype) * ctx.scaling  # (..., out): ∂L/∂(BAx) in the adapter's precision
+        grad_delta = grad.to(A.dtype)  # (..., out): ∂L/∂(BAx) in the adapter's precision
+        grad_delta = grad_delta.mul_(ctx.scaling) if grad_delta is not grad else grad_delta * ctx.scaling
         grad_h = grad_delta.matmul(B)  # (..., r)
         grad_A = grad_B = grad_x = None
         if ctx.needs_input_grad[1]:
