@@ -307,3 +307,29 @@ def test_bf16_training_keeps_no_float32_copy_of_each_layer_input():
         if p.requires_grad:
             theirs_grad = grads_theirs[name]  # bf16 activations: differences at bf16 rounding level
             assert (p.grad - theirs_grad).abs().max() <= 0.01 * theirs_grad.abs().max(), name
+
+
+def test_hand_written_backward_under_gradient_checkpointing(monkeypatch):
+    """Checkpointing re-runs each layer's forward inside the backward pass; the gradients must not change."""
+    from course_lib.lora import LoRAFunction
+
+    calls = []
+    forward = LoRAFunction.forward
+    monkeypatch.setattr(LoRAFunction, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    grads, forwards = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        model = tiny_llama(seed=0)
+        torch.manual_seed(1)
+        add_lora(model, "all-linear", r=4, alpha=8)
+        randomize_B(model, 2)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        forwards.append(len(calls))
+    assert forwards == [14, 28]  # 2 layers × 7 adapted linears, run again in the backward when checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
