@@ -84,3 +84,17 @@ def test_bench_cli_lists_benchmarks_and_rejects_unknown_names():
     assert out.returncode == 0 and "benchmarks: lora, sft, nf4, qlora" in out.stdout
     out = subprocess.run(["course-bench", "dpo"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no benchmark 'dpo'" in out.stderr and "available: lora, sft, nf4, qlora" in out.stderr
+
+
+def test_qlora_benchmark_runs_on_cpu_and_reports_every_variant(capsys):
+    """The GPU machine is lent for minutes: its benchmarks' shared code must not fail there first."""
+    import argparse
+
+    from course_lib.bench import bench_qlora
+
+    result = bench_qlora(argparse.Namespace(repeats=1))
+    kinds = {(row["kind"], row["checkpointing"]) for row in result["rows"]}
+    assert kinds == {(k, c) for k in ("LoRA (course_lib)", "QLoRA (course_lib)", "QLoRA (bitsandbytes + peft)")
+                     for c in (False, True)}
+    assert all(row["step_s"] > 0 for row in result["rows"])
+    assert "QLoRA (bitsandbytes + peft)" in capsys.readouterr().out
