@@ -80,7 +80,7 @@ def bench_lora(args: argparse.Namespace) -> dict:
     """LoRA train step and mixed-adapter serving: course_lib vs peft on the same model and batch."""
     from peft import LoraConfig
 
-    from .lora import BASE, LoRALinear, add_lora, mixed_batch
+    from .lora import BASE, add_lora, autograd_backward, mixed_batch
     from .memory import measure_peak_memory, saved_activation_bytes
 
     cuda = torch.cuda.is_available()
@@ -103,13 +103,10 @@ def bench_lora(args: argparse.Namespace) -> dict:
             optimizers[id(model)].zero_grad(set_to_none=True)
         return run
 
-    def autograd_path(run):  # course_lib with autograd's backward (LoRALinear.fused = False), for attribution
+    def autograd_path(run):  # course_lib with autograd's backward, to attribute the difference
         def wrapped():
-            LoRALinear.fused = False
-            try:
+            with autograd_backward():
                 run()
-            finally:
-                LoRALinear.fused = True
         return wrapped
 
     t_ours, t_theirs, t_autograd = alternate_all([step(ours), step(theirs), autograd_path(step(ours))],

@@ -170,10 +170,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     config = getattr(model, "_ia3_config", {}).get(adapter_name)
     if config is None:
         raise KeyError(f"no IA3 adapter named {adapter_name!r} was added with add_ia3")
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return write_peft_adapter(directory, {
-        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "fan_in_fan_out": False,
-        "inference_mode": True, "init_ia3_weights": True, **config}, ia3_state_dict(model, adapter_name))
+    return write_peft_adapter(directory, model, {"peft_type": "IA3", "fan_in_fan_out": False, "init_ia3_weights": True,
+                                                 **config}, ia3_state_dict(model, adapter_name))
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:

@@ -324,6 +324,17 @@ def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
 
 
 @contextlib.contextmanager
+def autograd_backward():
+    """Within the block LoRA layers run module by module and autograd derives the backward: the
+    reference ``LoRAFunction`` is tested and benchmarked against."""
+    LoRALinear.fused = False
+    try:
+        yield
+    finally:
+        LoRALinear.fused = True
+
+
+@contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str]):
     """Serve a batch whose row i uses adapter ``adapter_names[i]`` (``"__base__"`` for none)."""
     layers = _require_layers(model)
@@ -360,10 +371,14 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return out
 
 
-def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """peft's two files: ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle)."""
+def write_peft_adapter(directory: str | Path, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """peft's two files: ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle). ``config``
+    holds the method's fields; the ones every adapter shares (task, base model, inference mode) are added."""
     from safetensors.torch import save_file
 
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    config = {"peft_type": config["peft_type"], "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+              "inference_mode": True, **config}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -400,10 +415,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     config = getattr(model, "_lora_config", {}).get(adapter_name)
     if config is None:
         raise KeyError(f"no adapter named {adapter_name!r} was added with add_lora")
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return write_peft_adapter(directory, {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, **config},
+    return write_peft_adapter(directory, model, {
+        "peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, **config},
         lora_state_dict(model, adapter_name))
 
 

@@ -17,6 +17,7 @@ tests/test_nf4.py compares codes, packed bytes, absmax and dequantized values wi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,13 @@ class NF4State:
     offset: torch.Tensor | None = None
     absmax_blocksize: int = 256
 
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)  # a tuple or list is accepted; numel() is then always there
+
     @property
     def bits_per_parameter(self) -> float:
         """Storage per weight: 4 bits plus the scales, amortised over their blocks."""
-        n = int(torch.Size(self.shape).numel())
+        n = self.shape.numel()
         scale_bits = self.absmax.numel() * self.absmax.element_size() * 8
         if self.double_quant:
             scale_bits += self.absmax_scale.numel() * 32 + 32  # second-level scales and the offset
@@ -159,7 +163,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """ŵ = c[q] · absmax(block), computed in float32 and cast to the original dtype and shape."""
     if not isinstance(state, NF4State):
         raise TypeError("dequantize_nf4 needs the NF4State that quantize_nf4 returned with this tensor")
-    n = state.shape.numel() if isinstance(state.shape, torch.Size) else torch.Size(state.shape).numel()
+    n = state.shape.numel()
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed tensor does not match its state: {packed.numel()} bytes of {packed.dtype} for "
                          f"{n} values (expected {(n + 1) // 2} uint8) — was it quantized with another state?")
@@ -183,16 +187,12 @@ def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, b
     """The checked-elsewhere core: the Triton kernel for CUDA tensors, the torch path otherwise. On a
     GPU a 4096 × 4096 dequantization takes ~10 µs, as long as the Python around the launch, so this
     path does no more than it must: no re-checks, no reshapes, no host-to-device copies."""
-    if packed.is_cuda and _TRITON[0] is not False and blocksize % 2 == 0:
-        launch = _triton_launcher()
-        if launch is not None:
-            return launch(packed, absmax, _code_on(packed.device), shape, blocksize, dtype)
-    n = shape.numel() if isinstance(shape, torch.Size) else torch.Size(shape).numel()
-    return dequantize_nf4_torch(packed, absmax, n, blocksize, dtype).reshape(shape)
+    if packed.is_cuda and blocksize % 2 == 0 and (launch := _triton_launcher()) is not None:
+        return launch(packed, absmax, _on_device(NF4_CODE, packed.device), shape, blocksize, dtype)
+    return dequantize_nf4_torch(packed, absmax, shape.numel(), blocksize, dtype).reshape(shape)
 
 
 _ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
-_TRITON: list = [None]  # the kernel's launch function once imported; False where triton is absent
 
 
 def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -205,17 +205,12 @@ def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return copy
 
 
-def _code_on(device: torch.device) -> torch.Tensor:
-    return _on_device(NF4_CODE, device)
-
-
+@functools.cache
 def _triton_launcher():
     """``nf4_dequantize_triton``, imported on first use (None where triton is not installed)."""
-    if _TRITON[0] is None:
-        from .kernels import nf4_dequant
+    from .kernels import nf4_dequant
 
-        _TRITON[0] = nf4_dequant.nf4_dequantize_triton if nf4_dequant.triton is not None else False
-    return _TRITON[0] or None
+    return nf4_dequant.nf4_dequantize_triton if nf4_dequant.triton is not None else None
 
 
 _PAIR_TABLE = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1)  # (256, 2): byte → (hi, lo)

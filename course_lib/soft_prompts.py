@@ -282,11 +282,10 @@ def add_soft_prompt(model: nn.Module, method: Method = "prompt", num_virtual_tok
 # ------------------------------------------------------------------------------------------------
 # peft-format save / load
 # ------------------------------------------------------------------------------------------------
-def _peft_config(config: dict, base: str | None) -> dict:
-    """peft's adapter_config.json for one prompt (its token_dim for prefix tuning is kv_dim)."""
+def _peft_config(config: dict) -> dict:
+    """peft's adapter_config.json fields for one prompt (its token_dim for prefix tuning is kv_dim)."""
     prefix = config["method"] == "prefix"
-    out = {"peft_type": PEFT_TYPES[config["method"]], "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-           "inference_mode": True, "num_virtual_tokens": config["num_virtual_tokens"],
+    out = {"peft_type": PEFT_TYPES[config["method"]], "num_virtual_tokens": config["num_virtual_tokens"],
            "token_dim": config["kv_dim"] if prefix else config["token_dim"],
            "num_transformer_submodules": 1, "num_layers": config["num_layers"],
            "num_attention_heads": config["num_key_value_heads" if prefix else "num_attention_heads"]}
@@ -306,10 +305,9 @@ def save_adapter(model: SoftPromptModel, directory: str | Path, name: str | None
         raise TypeError("save_adapter needs the SoftPromptModel that add_soft_prompt returned")
     name = name or model.active
     model._require(name)
-    peft_config = _peft_config(model.prompt_config[name], getattr(model.config, "_name_or_path", None))
     with torch.no_grad():
         tokens = model.virtual_tokens(name).detach().float().cpu().contiguous()
-    return write_peft_adapter(directory, peft_config, {"prompt_embeddings": tokens})
+    return write_peft_adapter(directory, model, _peft_config(model.prompt_config[name]), {"prompt_embeddings": tokens})
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> SoftPromptModel:

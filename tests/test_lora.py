@@ -2,6 +2,8 @@
 weights, adapters that move both ways, and mixed-adapter batches."""
 
 
+import contextlib
+
 import pytest
 import torch
 
@@ -199,15 +201,13 @@ def test_bf16_base_keeps_float32_adapters_like_peft():
 
 
 def _layer_grads(layer, x, grad, fused):
-    from course_lib.lora import LoRALinear
+    from course_lib.lora import autograd_backward
 
-    LoRALinear.fused, x.grad = fused, None
+    x.grad = None
     layer.zero_grad()
-    try:
+    with contextlib.nullcontext() if fused else autograd_backward():
         y = layer(x)
         y.backward(grad)
-    finally:
-        LoRALinear.fused = True
     return y.detach(), x.grad.clone(), layer.lora_A["default"].grad.clone(), layer.lora_B["default"].grad.clone()
 
 
