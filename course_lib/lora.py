@@ -312,6 +312,22 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         layer.active_adapter = name
 
 
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model runs as its base (every LoRA layer bypassed), as peft's
+    ``disable_adapter()``: the frozen reference of DPO, PPO and GRPO without a second copy of the weights.
+    The active adapter and what trains are restored afterwards."""
+    layers = _require_layers(model)
+    active = [layer.active_adapter for _, layer in layers]
+    for _, layer in layers:
+        layer.active_adapter = None
+    try:
+        yield model
+    finally:
+        for (_, layer), name in zip(layers, active):
+            layer.active_adapter = name
+
+
 def merge_lora(model: nn.Module, name: str | None = None) -> None:
     """W₀ ← W₀ + s·BA in every adapted layer: afterwards inference costs what the base model costs."""
     for _, layer in _require_layers(model):
