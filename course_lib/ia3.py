@@ -20,25 +20,26 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .lora import PEFT_PREFIX, find_targets, matches, read_peft_adapter, require_layers, require_modules, write_peft_adapter
+from . import adapters
+from .adapters import (PEFT_PREFIX, AdapterLayer, copy_saved, find_targets, matches, read_peft_adapter, refuse_unknown_keys,
+                       refuse_unsupported, require_layers, require_modules, write_peft_adapter)
 
 # peft's defaults for Llama-style models (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 DEFAULT_FEEDFORWARD = ("down_proj",)
 
 
-class IA3Linear(nn.Module):
-    """``base_layer`` (frozen ``nn.Linear``) plus named IA3 vectors; one active at a time."""
+class IA3Linear(AdapterLayer):
+    """``base_layer`` (frozen ``nn.Linear``) plus named IA3 vectors; one active at a time (`course_lib.adapters`)."""
+
+    adapter_param_names = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Linear, is_feedforward: bool):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"IA3Linear wraps nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        if not isinstance(base_layer, nn.Linear) or not base_layer.weight.is_floating_point():
+            raise TypeError(f"IA3Linear wraps a floating-point nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
         self.is_feedforward = is_feedforward  # True: scale the input; False: scale the output
         self.ia3_l = nn.ParameterDict()  # name -> (1, in) if feed-forward else (out, 1), like peft
-        self.active_adapter: str | None = None
-        self.merged_adapters: list[str] = []
 
     def add_adapter(self, name: str) -> None:
         if name in self.ia3_l:
@@ -48,8 +49,8 @@ class IA3Linear(nn.Module):
         vector = torch.randn(shape)
         nn.init.constant_(vector, 1.0)
         self.ia3_l[name] = nn.Parameter(vector.to(self.base_layer.weight.device))
-        if self.active_adapter is None:
-            self.active_adapter = name
+        # Like peft: the first adapter becomes the active one, and only the active adapter trains.
+        self.set_adapter(self.active_adapter if self.active_adapter is not None else name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
@@ -62,32 +63,22 @@ class IA3Linear(nn.Module):
         result = self.base_layer(x)  # (..., out)
         return (result * scale).to(result.dtype)
 
-    @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
+    def _merge(self, name: str) -> None:
         """W ← W ⊙ l (broadcast over columns for input scaling, rows for output scaling); bias too for
         output scaling — the input-side vector never touches the bias."""
-        name = name or self.active_adapter
-        if name in self.merged_adapters:
-            raise RuntimeError(f"IA3 adapter {name!r} is already merged into this layer: unmerge it first")
         weight, vector = self.base_layer.weight, self.ia3_l[name]
         weight.data = (weight.data * vector.data).to(weight.dtype)  # (out, in) ⊙ (1, in) or (out, 1)
         if not self.is_feedforward and self.base_layer.bias is not None:
             bias = self.base_layer.bias
             bias.data = (bias.data * vector.data.reshape(bias.shape)).to(bias.dtype)
-        self.merged_adapters.append(name)
 
-    @torch.no_grad()
-    def unmerge(self, name: str | None = None) -> None:
+    def _unmerge(self, name: str) -> None:
         """Divide back out (peft adds 1e-8 to avoid dividing by zero, so this is not bit-exact)."""
-        name = name or self.active_adapter
-        if name not in self.merged_adapters:
-            raise RuntimeError(f"IA3 adapter {name!r} is not merged into this layer, so it cannot be unmerged")
         weight, vector = self.base_layer.weight, self.ia3_l[name].data + 1e-8
         weight.data = (weight.data / vector).to(weight.dtype)
         if not self.is_feedforward and self.base_layer.bias is not None:
             bias = self.base_layer.bias
             bias.data = (bias.data / vector.reshape(bias.shape)).to(bias.dtype)
-        self.merged_adapters.remove(name)
 
     def extra_repr(self) -> str:
         side = "input" if self.is_feedforward else "output"
@@ -111,13 +102,11 @@ def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARG
         raise ValueError(f"feedforward_modules {stray} are not among the target modules "
                          f"{sorted({n.split('.')[-1] for n in names})}: a feed-forward module must also be a target")
     if freeze:  # the base model; vectors added earlier keep their state
-        for pname, p in model.named_parameters():
-            if ".ia3_l." not in pname:
-                p.requires_grad_(False)
+        adapters.freeze_base(model)
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, IA3Linear):
-            if not isinstance(layer, nn.Linear):
+            if isinstance(layer, AdapterLayer) or not isinstance(layer, nn.Linear):
                 raise TypeError(f"{name} is a {type(layer).__name__}; IA3 here adapts plain nn.Linear layers")
             layer = IA3Linear(layer, is_feedforward=any(matches(name, f) for f in ff))
             model.set_submodule(name, layer)
@@ -136,14 +125,12 @@ def _require_layers(model: nn.Module) -> list[tuple[str, IA3Linear]]:
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the active IA3 vectors everywhere (None: the base model) and the only trainable ones.
     Switching tasks is this one call: the frozen weights are shared, only a few thousand numbers change."""
-    for _, layer in _require_layers(model):
-        if name is not None and name not in layer.ia3_l:
-            raise KeyError(f"unknown IA3 adapter {name!r}; the model has {list(layer.ia3_l)}")
-        if layer.merged_adapters:
-            raise RuntimeError("unmerge the IA3 adapter before switching (its vectors are folded into the weights)")
-        layer.active_adapter = name
-        for adapter, vector in layer.ia3_l.items():  # like peft: only the active vectors train
-            vector.requires_grad_(adapter == name)
+    adapters.set_adapter(_require_layers(model), name, "IA3")
+
+
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` runs the base model; the active vectors come back afterwards."""
+    return adapters.disable_adapters(_require_layers(model))
 
 
 def merge_ia3(model: nn.Module, name: str | None = None) -> None:
@@ -174,19 +161,21 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                                                  **config}, ia3_state_dict(model, adapter_name))
 
 
+# The IA3Config fields course_lib computes (None: any value), and the features it refuses unless off.
+SUPPORTED_CONFIG = {"target_modules": None, "feedforward_modules": None, "init_ia3_weights": None,
+                    "exclude_modules": None, "fan_in_fan_out": False, "modules_to_save": False}
+
+
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
     """Add the IA3 adapter saved in ``directory`` (by course_lib or peft) to ``model``."""
     config, tensors = read_peft_adapter(directory, ["IA3"])
+    refuse_unsupported(config, SUPPORTED_CONFIG, directory, "IA3")
+    refuse_unknown_keys(tensors, r"base_model\.model\.(.+)\.ia3_l", directory, "IA3")
     modules = sorted(k[len(PEFT_PREFIX):].removesuffix(".ia3_l") for k in tensors)
     require_modules(model, modules, directory)
     ff_suffixes = set(config.get("feedforward_modules") or [])
     ff = [m for m in modules if m.split(".")[-1] in ff_suffixes]
     names = add_ia3(model, modules, ff, adapter_name=adapter_name)
     for name in names:
-        saved, param = tensors[f"{PEFT_PREFIX}{name}.ia3_l"], model.get_submodule(name).ia3_l[adapter_name]
-        if saved.shape != param.shape:
-            raise ValueError(f"{name}.ia3_l: saved shape {tuple(saved.shape)} does not fit this model's "
-                             f"{tuple(param.shape)} (another base model?)")
-        with torch.no_grad():
-            param.copy_(saved)
+        copy_saved(model.get_submodule(name).ia3_l[adapter_name], tensors[f"{PEFT_PREFIX}{name}.ia3_l"], f"{name}.ia3_l")
     return names

@@ -14,35 +14,37 @@ attribute and file key names, so adapters move between course_lib and peft uncha
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from . import adapters
+from .adapters import (PEFT_PREFIX, AdapterLayer, copy_saved, find_targets, matches, pattern_value,  # noqa: F401
+                       read_peft_adapter, refuse_unknown_keys, refuse_unsupported, require_layers, require_modules,
+                       write_peft_adapter)
 from .kernels.multi_lora import lora_mixed_delta
 from .nf4 import NF4Linear
 
 BASE = "__base__"  # per-row adapter name meaning "no adapter" (peft's convention)
 
 
-class LoRALinear(nn.Module):
-    """``base_layer`` (frozen ``nn.Linear``) plus any number of named LoRA adapters, one active."""
+class LoRALinear(AdapterLayer):
+    """``base_layer`` (a frozen ``nn.Linear``, any subclass of it such as bitsandbytes' ``Linear4bit``, or
+    an ``NF4Linear``) plus any number of named LoRA adapters, one active (`course_lib.adapters`)."""
 
-    def __init__(self, base_layer: nn.Linear):
-        super().__init__()
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None
-        self.merged_adapters: list[str] = []
         self.row_adapters: list[str] | None = None  # set by `mixed_batch` for per-row serving
 
     @property
@@ -54,7 +56,7 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
-        if not isinstance(r, int) or r <= 0 or r > min(self.in_features, self.out_features):
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(self.in_features, self.out_features):
             raise ValueError(f"LoRA rank r={r} must be an integer in 1..min(in, out) = "
                              f"{min(self.in_features, self.out_features)} for this layer "
                              f"({self.in_features} → {self.out_features})")
@@ -79,8 +81,8 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B.to(weight.device, weight.dtype).to(dtype))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        if self.active_adapter is None:
-            self.active_adapter = name
+        # Like peft: the first adapter becomes the active one, and only the active adapter trains.
+        self.set_adapter(self.active_adapter if self.active_adapter is not None else name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B A, the (out, in) update this adapter adds to W₀."""
@@ -111,31 +113,30 @@ class LoRALinear(nn.Module):
         return (result + self.lora_output(x, name)).to(result.dtype)
 
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
-        """LoRAFunction covers the common case: a frozen base, no active dropout, no autocast (autocast
-        would change the dtypes between its forward and its backward)."""
-        dropout = self.lora_dropout[name]
-        base_trains = any(p.requires_grad for p in self.base_layer.parameters())
-        return (not base_trains and (isinstance(dropout, nn.Identity) or not dropout.training)
+        """LoRAFunction computes the base layer itself, so it is used only where that is provably what
+        ``base_layer.forward`` does: an exact ``nn.Linear`` or ``NF4Linear`` (not a subclass with its own
+        forward, such as bitsandbytes' ``Linear4bit``) with no hooks; and where its saved tensors stay
+        valid: a frozen base, no active dropout, no autocast (which would change dtypes between passes)."""
+        base, dropout = self.base_layer, self.lora_dropout[name]
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                      or nn.modules.module._global_forward_pre_hooks)
+        base_trains = any(p.requires_grad for p in base.parameters())
+        return (type(base) in (nn.Linear, NF4Linear) and not hooked and not base_trains
+                and (isinstance(dropout, nn.Identity) or not dropout.training)
                 and not torch.is_autocast_enabled(x.device.type))
 
-    @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
-        if isinstance(self.base_layer, NF4Linear):
-            raise RuntimeError("cannot merge LoRA into a 4-bit NF4 weight (the sum is not 4-bit): serve the adapter "
-                               "separately, or merge into a dequantized copy of the model")
-        name = name or self.active_adapter
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is already merged into this layer: unmerge it first")
-        self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged_adapters.append(name)
+    def _mergeable(self) -> None:
+        base = self.base_layer
+        if isinstance(base, NF4Linear) or not base.weight.is_floating_point():
+            raise RuntimeError(f"cannot merge LoRA into a quantized {type(base).__name__} weight (the sum is not "
+                               f"4-bit): serve the adapter separately, or merge into a dequantized copy of the model")
 
-    @torch.no_grad()
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or self.active_adapter
-        if name not in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is not merged into this layer, so it cannot be unmerged")
+    def _merge(self, name: str) -> None:
+        self._mergeable()
+        self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+
+    def _unmerge(self, name: str) -> None:
         self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged_adapters.remove(name)
 
     def extra_repr(self) -> str:
         ranks = {n: tuple(a.shape)[0] for n, a in self.lora_A.items()}
@@ -190,9 +191,14 @@ class LoRAFunction(torch.autograd.Function):
 
 
 def _weight_like(base: nn.Module) -> torch.Tensor:
-    """A tensor with the base layer's weight dtype and device (an NF4 layer's weight is packed bytes)."""
+    """A tensor with the dtype the base layer computes in and its device. A quantized weight is packed
+    bytes: NF4Linear computes in the dtype it was quantized from, bitsandbytes' Linear4bit in its
+    ``compute_dtype`` (float32 when unset, as bitsandbytes does)."""
     if isinstance(base, NF4Linear):
         return torch.empty(0, dtype=base.weight_dtype, device=base.packed.device)
+    if not base.weight.is_floating_point():
+        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        return torch.empty(0, dtype=dtype, device=base.weight.device)
     return base.weight
 
 
@@ -224,80 +230,44 @@ def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]
 # ------------------------------------------------------------------------------------------------
 # Injection
 # ------------------------------------------------------------------------------------------------
-def _output_head_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, module in model.named_modules() if head is not None and module is head}
-
-
-def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules to adapt: exact names or name suffixes (``"q_proj"`` matches
-    ``model.layers.0.self_attn.q_proj``), or ``"all-linear"`` = every Linear but the output head.
-    A Linear already wrapped by an adapter layer (LoRA, IA3: anything with a ``base_layer``) counts
-    under its own name. Shared by every module-injecting method."""
-    linears = [name for name, m in model.named_modules()
-               if (isinstance(m, (nn.Linear, NF4Linear))
-                   or isinstance(getattr(m, "base_layer", None), (nn.Linear, NF4Linear)))
-               and not _inside_adapter(name)]
-    if target_modules == "all-linear":
-        heads = _output_head_names(model)
-        return [n for n in linears if n not in heads]
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    found = [n for n in linears if any(matches(n, t) for t in targets)]
-    missing = [t for t in targets if not any(matches(n, t) for n in linears)]
-    if missing:
-        suffixes = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(f"target module(s) {missing} match no nn.Linear in the model; "
-                         f"linear layer names are {suffixes}")
-    return found
-
-
-def matches(name: str, target: str) -> bool:
-    """A target names a module exactly or as a dotted suffix: "v_proj" matches "….self_attn.v_proj",
-    not "….kv_proj"."""
-    return name == target or name.endswith("." + target)
-
-
-def _inside_adapter(name: str) -> bool:
-    """A Linear that belongs to an adapter wrapper (its frozen base or its own weights), not a target."""
-    return ".base_layer" in name or re.search(r"\.lora_[AB]\b", name) is not None
-
-
 def add_lora(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v_proj"), r: int = 8,
              alpha: float = 8, dropout: float = 0.0, rslora: bool = False, adapter_name: str = "default",
-             freeze: bool = True) -> list[str]:
+             freeze: bool = True, rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None) -> list[str]:
     """Wrap the target linears in :class:`LoRALinear` (once) and add adapter ``adapter_name``.
 
-    Freezes every other parameter (``freeze``) so only LoRA weights train. Returns the adapted
-    module names. Defaults are peft's (r = 8, α = 8, q_proj and v_proj for Llama).
+    Freezes every non-adapter parameter (``freeze``). As in peft, the first adapter added becomes the
+    active one and only the active adapter trains: after adding a second one, ``set_adapter`` picks
+    which. ``rank_pattern`` / ``alpha_pattern`` give some layers another rank or alpha (peft's
+    ``LoraConfig`` fields: keys are regular expressions matched against the end of the module name).
+    Returns the adapted module names. Defaults are peft's (r = 8, α = 8, q_proj and v_proj for Llama).
     """
+    if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE:
+        raise ValueError(f"adapter_name must be a non-empty string other than {BASE!r}, got {adapter_name!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     names = find_targets(model, target_modules)
     if freeze:
-        model.requires_grad_(False)
+        adapters.freeze_base(model)
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoRALinear):
+            if isinstance(layer, AdapterLayer):
+                raise TypeError(f"{name} already holds a {type(layer).__name__} adapter; LoRA and it cannot be stacked "
+                                f"on one layer here")
             layer = LoRALinear(layer)
             model.set_submodule(name, layer)
-        layer.add_adapter(adapter_name, r, alpha, dropout, rslora)
+        layer.add_adapter(adapter_name, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha),
+                          dropout, rslora)
     model._lora_config = getattr(model, "_lora_config", {})
-    model._lora_config[adapter_name] = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                                        "use_rslora": rslora, "target_modules": sorted({n.split(".")[-1] for n in names})}
+    model._lora_config[adapter_name] = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+                                        "target_modules": sorted({n.split(".")[-1] for n in names}),
+                                        "rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {})}
     return names
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
-
-
-def require_layers(model: nn.Module, kind: type, method: str, adder: str) -> list[tuple[str, nn.Module]]:
-    """The model's adapter layers of ``kind`` (name, layer), or an error saying how to add them.
-    Shared by every module-injecting method (LoRA, IA3)."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
-    if not layers:
-        raise ValueError(f"the model has no {method} layers: call {adder} first")
-    return layers
+    yield from adapters.adapter_layers(model, LoRALinear)
 
 
 def _require_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -305,27 +275,16 @@ def _require_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter everywhere (None: run the base model)."""
-    for _, layer in _require_layers(model):
-        if name is not None and name not in layer.lora_A:
-            raise KeyError(f"unknown adapter {name!r}; the model has {list(layer.lora_A)}")
-        layer.active_adapter = name
+    """Make ``name`` the active adapter everywhere and the only one that trains (peft's ``set_adapter``);
+    None runs the base model."""
+    adapters.set_adapter(_require_layers(model), name)
 
 
-@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model runs as its base (every LoRA layer bypassed), as peft's
+    """``with disable_adapters(model):`` runs the base model (every LoRA layer bypassed), as peft's
     ``disable_adapter()``: the frozen reference of DPO, PPO and GRPO without a second copy of the weights.
-    The active adapter and what trains are restored afterwards."""
-    layers = _require_layers(model)
-    active = [layer.active_adapter for _, layer in layers]
-    for _, layer in layers:
-        layer.active_adapter = None
-    try:
-        yield model
-    finally:
-        for (_, layer), name in zip(layers, active):
-            layer.active_adapter = name
+    The active adapter comes back afterwards; what trains is not changed."""
+    return adapters.disable_adapters(_require_layers(model))
 
 
 def merge_lora(model: nn.Module, name: str | None = None) -> None:
@@ -372,7 +331,15 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]):
 # ------------------------------------------------------------------------------------------------
 # peft-format save / load
 # ------------------------------------------------------------------------------------------------
-PEFT_PREFIX = "base_model.model."
+# The LoraConfig fields course_lib computes (None: any value), and the features it refuses unless off.
+SUPPORTED_CONFIG = {
+    "r": None, "lora_alpha": None, "lora_dropout": None, "use_rslora": None, "target_modules": None,
+    "rank_pattern": None, "alpha_pattern": None, "init_lora_weights": None, "layers_pattern": None,
+    "layers_to_transform": None, "exclude_modules": None, "megatron_core": None, "qalora_group_size": None,
+    "ensure_weight_tying": None, "loftq_config": False,
+    "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "modules_to_save": False,
+}
+SAVED_KEY = rf"{PEFT_PREFIX.replace('.', chr(92) + '.')}(.+)\.lora_[AB]\.weight"
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -387,45 +354,6 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return out
 
 
-def write_peft_adapter(directory: str | Path, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """peft's two files: ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle). ``config``
-    holds the method's fields; the ones every adapter shares (task, base model, inference mode) are added."""
-    from safetensors.torch import save_file
-
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    config = {"peft_type": config["peft_type"], "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-              "inference_mode": True, **config}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, directory / "adapter_model.safetensors")
-    return directory
-
-
-def read_peft_adapter(directory: str | Path, peft_types: Iterable[str]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of a saved adapter, or a clear error: no adapter there, or another method's."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no adapter_config.json: not a saved adapter")
-    config = json.loads(config_path.read_text())
-    peft_types = list(peft_types)
-    if config.get("peft_type") not in peft_types:
-        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not {' or '.join(peft_types)}")
-    return config, load_file(directory / "adapter_model.safetensors")
-
-
-def require_modules(model: nn.Module, modules: list[str], directory: str | Path) -> None:
-    """Every module a saved adapter adapts must exist in ``model``."""
-    known = dict(model.named_modules())
-    absent = [m for m in modules if m not in known]
-    if absent:
-        raise ValueError(f"the adapter in {directory} was saved for another model: it adapts {absent[:3]}, "
-                         f"which this model does not have")
-
-
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
     config = getattr(model, "_lora_config", {}).get(adapter_name)
@@ -437,21 +365,24 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> list[str]:
-    """Add the adapter saved in ``directory`` (by course_lib or peft) to ``model``; returns the adapted layers."""
+    """Add the adapter saved in ``directory`` (by course_lib or peft) to ``model``; returns the adapted layers.
+
+    A config that asks for what course_lib does not compute (DoRA, LoRA biases, trained biases,
+    modules_to_save, …) or a file with tensors it does not know is refused, never loaded half-right;
+    ``rank_pattern`` and ``alpha_pattern`` are honoured."""
     config, tensors = read_peft_adapter(directory, ["LORA"])
+    refuse_unsupported(config, SUPPORTED_CONFIG, directory, "LoRA")
+    refuse_unknown_keys(tensors, SAVED_KEY, directory, "LoRA")
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
     require_modules(model, modules, directory)
     names = add_lora(model, modules, r=config["r"], alpha=config["lora_alpha"],
-                     dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False),
-                     adapter_name=adapter_name)
+                     dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
+                     adapter_name=adapter_name, rank_pattern=config.get("rank_pattern") or None,
+                     alpha_pattern=config.get("alpha_pattern") or None)
+    model._lora_config[adapter_name]["target_modules"] = config.get("target_modules") or model._lora_config[adapter_name]["target_modules"]
     for name in names:
         layer: LoRALinear = model.get_submodule(name)
         for part in ("A", "B"):
-            saved = tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"]
-            param = getattr(layer, f"lora_{part}")[adapter_name]
-            if saved.shape != param.shape:
-                raise ValueError(f"{name}.lora_{part}: saved shape {tuple(saved.shape)} does not fit this "
-                                 f"model's {tuple(param.shape)} (another base model or rank?)")
-            with torch.no_grad():
-                param.copy_(saved)
+            copy_saved(getattr(layer, f"lora_{part}")[adapter_name], tensors[f"{PEFT_PREFIX}{name}.lora_{part}.weight"],
+                       f"{name}.lora_{part}")
     return names

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .lora import read_peft_adapter, write_peft_adapter
+from .adapters import read_peft_adapter, write_peft_adapter
 
 Method = Literal["prompt", "p-tuning", "prefix"]
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
