@@ -16,6 +16,7 @@ pretraining stream, whatever the seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -298,3 +299,113 @@ def ending_prompt(story: str) -> str:
     """The sentiment task with single-token answers ("happy" / "sad"): quick for adapters to learn,
     which lets the LoRA lesson afford a dozen training runs on a CPU."""
     return f"{story}\nQ: How does the story end?\nA:"
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs (RLHF lesson 06, DPO lesson 07): TRL's explicit-prompt format
+# --------------------------------------------------------------------------------------------
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+PREFERENCE_TASKS = ("ending", "concise")
+# Only 82 facts exist, so the concise task holds out a quarter of the questions (≈ 20 pairs) to
+# measure accuracy on; the story task has millions of openers and keeps the corpus's 10 %.
+CONCISE_HELDOUT_PERCENT = 25
+
+
+def _ending_rows(split: Split, n: int, seed: int) -> list[dict]:
+    """A row is in ``split`` when BOTH of its stories are under the pretraining rule (``split_of`` of
+    the story text), so a held-out pair never appeared in pretraining, and never in a train row
+    (whose two stories are train). Held-out pairs are rare (≈ 1 % of draws), so the sad twin is
+    only drawn once the happy story has passed."""
+    rng, rows, seen = random.Random(seed), [], set()
+    while len(rows) < n:
+        state = rng.getstate()
+        happy = make_story(rng, label="happy")
+        if split_of("story:" + happy.text) != split or happy.body in seen:
+            continue
+        # The sad twin replays the same random state: same opener, characters and template slot.
+        after = rng.getstate()
+        rng.setstate(state)
+        sad = make_story(rng, label="sad")
+        rng.setstate(after)
+        if split_of("story:" + sad.text) != split:
+            continue
+        seen.add(happy.body)
+        # The prompt is the story without its ending; the completions start with the space that
+        # joins them (Story.text), so prompt + completion is exactly the corpus's story.
+        rows.append({"prompt": happy.body, "chosen": " " + happy.ending, "rejected": " " + sad.ending})
+    return rows
+
+
+def qa_prompt(question: str) -> str:
+    """The corpus's Q&A format up to the answer (``format_qa`` without it)."""
+    return format_qa(question, "").rstrip()
+
+
+def _concise_rows(split: Split, n: int, seed: int) -> list[dict]:
+    facts = [f for f in all_facts() if split_of("fact:" + f.question, CONCISE_HELDOUT_PERCENT) == split]
+    if n > len(facts):
+        raise ValueError(f"n={n} but the 'concise' task has only {len(facts)} {split} questions (one pair each); "
+                         f"ask for at most {len(facts)} and train several epochs over them")
+    random.Random(seed).shuffle(facts)
+    return [{"prompt": qa_prompt(f.question), "chosen": " " + f.short, "rejected": " " + f.long} for f in facts[:n]]
+
+
+def preference_rows(task: str, split: Split, *, n: int, seed: int) -> list[dict]:
+    """``n`` preference pairs ``{"prompt", "chosen", "rejected"}`` (TRL's explicit-prompt format: the
+    text a model sees is ``prompt + chosen`` or ``prompt + rejected``; both share the prompt exactly).
+
+    * ``"ending"``: the prompt is a story opener (the story without its ending); chosen continues it
+      to a happy ending, rejected to a sad one. Judge of any continuation: :func:`ending_sentiment`.
+      Held-out rows: both stories held out of pretraining (:func:`split_of`), openers all distinct.
+    * ``"concise"``: the prompt is ``"Q: …?\\nA:"``; chosen is the short answer, rejected the long one
+      (which starts with the short one: the preference is about length, not about the fact). Every
+      fact is in pretraining by design (facts are knowledge); the held-out *questions*
+      (``CONCISE_HELDOUT_PERCENT``) never appear in train rows. At most one row per question.
+
+    Deterministic in ``seed``; write with :func:`write_jsonl`, read back with :func:`load_preferences`.
+    """
+    if task not in PREFERENCE_TASKS:
+        raise ValueError(f"unknown preference task {task!r}; choose one of {list(PREFERENCE_TASKS)}")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n (the number of rows) must be a positive int, got {n!r}")
+    return [dict(row) for row in _preference_rows_cached(task, split, n, seed)]  # fresh dicts: callers may edit
+
+
+@functools.lru_cache(maxsize=16)
+def _preference_rows_cached(task: str, split: Split, n: int, seed: int) -> tuple[dict, ...]:
+    # Held-out story pairs take ≈ 100 draws each (~10 ms); lessons ask for the same rows repeatedly.
+    return tuple(_ending_rows(split, n, seed) if task == "ending" else _concise_rows(split, n, seed))
+
+
+def check_preference_rows(rows) -> None:
+    """Every row must be TRL's explicit-prompt preference format: plain-text fields, two non-empty,
+    different completions. Errors name the row and the fix."""
+    if len(rows) == 0:
+        raise ValueError("no preference rows: a preference dataset needs rows {'prompt', 'chosen', 'rejected'}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i}: a preference row is a dict {{'prompt', 'chosen', 'rejected'}}, "
+                             f"got {type(row).__name__}")
+        missing = [f for f in PREFERENCE_FIELDS if row.get(f) is None]
+        if missing:
+            raise ValueError(f"row {i}: missing field(s) {missing}; preference rows need {list(PREFERENCE_FIELDS)}, "
+                             f"this one has {sorted(row)}")
+        for f in PREFERENCE_FIELDS:
+            if not isinstance(row[f], str):
+                raise ValueError(f"row {i}: {f!r} must be a string, got {type(row[f]).__name__} (conversational "
+                                 f"rows: render them to text with tokenizer.apply_chat_template first)")
+        if not row["chosen"].strip() or not row["rejected"].strip():
+            raise ValueError(f"row {i}: an empty completion; a pair needs two completions to compare")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"row {i}: chosen and rejected are identical, so the pair expresses no preference; "
+                             f"drop the row")
+
+
+def load_preferences(path: str | Path) -> list[dict]:
+    """Preference rows from a JSONL file, read through ``datasets`` (:func:`load_jsonl`) and checked
+    (:func:`check_preference_rows`); extra columns (e.g. TRL's ``margin``) are kept."""
+    rows = load_jsonl(path, required=PREFERENCE_FIELDS).to_list()
+    check_preference_rows(rows)
+    return rows
