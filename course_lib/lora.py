@@ -128,7 +128,7 @@ class LoRALinear(AdapterLayer):
     def _mergeable(self) -> None:
         base = self.base_layer
         if isinstance(base, NF4Linear) or not base.weight.is_floating_point():
-            raise RuntimeError(f"cannot merge LoRA into a quantized {type(base).__name__} weight (the sum is not "
+            raise RuntimeError(f"cannot merge LoRA into a 4-bit weight ({type(base).__name__}: the sum is not "
                                f"4-bit): serve the adapter separately, or merge into a dequantized copy of the model")
 
     def _merge(self, name: str) -> None:

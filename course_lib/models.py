@@ -49,8 +49,16 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a download start? A quick connection to the configured endpoint (``HF_ENDPOINT`` or the Hub).
+    Behind a proxy a direct connection says nothing, so then the answer is left to the download itself."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -88,6 +96,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        # A 4-bit model cannot be moved after loading (bitsandbytes quantizes on the way to the device),
+        # so the device is chosen while loading.
+        kwargs["device_map"] = {"": str(device)}
 
     if name_or_path is None:
         verify_embedded()

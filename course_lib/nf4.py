@@ -247,19 +247,26 @@ def dequantize_nf4_torch(packed: torch.Tensor, absmax: torch.Tensor, n: int, blo
 # ------------------------------------------------------------------------------------------------
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x Ŵᵀ + b with Ŵ dequantized on the fly. Backward dequantizes again instead of keeping Ŵ from
-    the forward pass — the point of QLoRA's memory saving — and returns a gradient for x only (the
-    4-bit weight is frozen)."""
+    the forward pass — the point of QLoRA's memory saving. The 4-bit weight is frozen (no gradient); the
+    bias gets one if it trains."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         weight = layer.dequantized_weight(x.dtype)  # (out, in)
         ctx.layer = layer
-        return torch.nn.functional.linear(x, weight, bias)
+        # The bias is kept in its own precision and used in the input's, as bitsandbytes' Linear4bit does.
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight = ctx.layer.dequantized_weight(grad_output.dtype)  # (out, in)
-        return grad_output @ weight, None, None  # (..., out) @ (out, in) → (..., in)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.layer.dequantized_weight(grad_output.dtype)  # (out, in)
+            grad_x = grad_output @ weight  # (..., out) @ (out, in) → (..., in)
+        if ctx.needs_input_grad[2]:
+            bias = ctx.layer.bias
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)  # (out,)
+        return grad_x, None, grad_bias
 
 
 class NF4Linear(torch.nn.Module):
@@ -295,6 +302,16 @@ class NF4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _NF4LinearFunction.apply(x, self, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` must move the quantization state, never round it: the block scales
+        are float32 in bitsandbytes' format, and a bf16 absmax would dequantize to other weights. So the
+        float buffers follow the device change and keep their dtype."""
+        kept = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {self.blocksize}"

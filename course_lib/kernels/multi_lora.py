@@ -99,14 +99,17 @@ def lora_mixed_delta_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, i
     return y
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+def use_triton(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The kernel serves inference: it has no backward, so whenever autograd needs a gradient through
+    the delta (training mixed batches) the differentiable einsum runs instead, on any device."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
+    return triton is not None and x.is_cuda and not needs_grad
 
 
 def lora_mixed_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
                      base_slot: int) -> torch.Tensor:
     """Dispatch: the Triton kernel on CUDA, the gathered einsum elsewhere. ``base_slot`` indexes a
     zero adapter (rows without one); the einsum path multiplies by it, the kernel skips those rows."""
-    if use_triton(x):
+    if use_triton(x, A, B):
         return lora_mixed_delta_triton(x, A, B, index, base_slot)
     return lora_mixed_delta_torch(x, A, B, index)
