@@ -281,3 +281,23 @@ def test_offline_probe_uses_hf_endpoint_and_trusts_a_proxy(monkeypatch):
     assert models._hub_reachable() is False and hosts == [("mirror.example", 8080)]
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert models._hub_reachable() is True and len(hosts) == 1  # no direct probe behind a proxy
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 bases: every adapter layer type against peft
+# ------------------------------------------------------------------------------------------------
+def test_ia3_on_a_bf16_base_equals_peft():
+    from peft import IA3Config, get_peft_model
+
+    ours = tiny_llama(seed=0).to(torch.bfloat16)
+    add_ia3(ours)
+    theirs = get_peft_model(tiny_llama(seed=0).to(torch.bfloat16), IA3Config(task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+                target = ours.get_submodule(name.removeprefix("base_model.model.").replace(".ia3_l.default", ""))
+                assert target.ia3_l["default"].dtype == p.dtype  # float32 vectors on a bf16 base, as peft
+                target.ia3_l["default"].copy_(p)
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=0, atol=0)
