@@ -1,0 +1,119 @@
+"""``course-bench dpo``: a DPO step through course_lib and through TRL's ``DPOTrainer``, and the memory
+of the two ways to hold the reference (the adapter switched off vs a second, frozen model).
+
+Registered in ``course_lib.bench`` as ``BENCHMARKS["dpo"] = bench_dpo``; timed like ``course-bench sft``
+(medians of alternating runs in one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+
+import torch
+
+
+def _ending_rows(n: int, seed: int = 0) -> list[dict]:
+    """Story openers with a happy (chosen) and a sad (rejected) ending; ``data.preference_rows`` when present."""
+    from . import data
+
+    if hasattr(data, "preference_rows"):
+        return data.preference_rows("ending", "train", n=n, seed=seed)
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        twin = random.Random()
+        twin.setstate(rng.getstate())  # the same opener; the label alone picks the ending
+        happy, sad = data.make_story(rng, "happy"), data.make_story(twin, "sad")
+        rows.append({"prompt": happy.body, "chosen": " " + happy.ending, "rejected": " " + sad.ending})
+    return rows
+
+
+def bench_dpo(args: argparse.Namespace) -> dict:
+    """A DPO step: course_lib's loop vs ``DPOTrainer``'s steady-state step, same model, LoRA, rows and loss.
+
+    Embedded model, LoRA r=8 α=16 on all linear layers, sigmoid loss, β = 0.1, AdamW, batch 8 pairs
+    ("ending" preference rows). course_lib: ``training.train`` end to end (collation, policy forward,
+    reference forward with the adapter off, backward, clipping, optimizer). TRL: the trainer's own
+    ``training_step`` on batches from its own collator plus its optimizer and scheduler step — without
+    ``trainer.train()``'s set-up and logging. TRL's CPU-hostile defaults are turned off (bf16, gradient
+    checkpointing) so both do the same arithmetic in float32; its per-step metrics stay on.
+
+    Memory: measured peak of a few course_lib DPO steps with the reference as the adapter switched off,
+    and with a separate frozen copy of the model as the reference (built inside the measurement)."""
+    import tempfile
+    import warnings
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from .bench import alternate
+    from .dpo import DPOLoss, dpo_batches
+    from .lora import add_lora
+    from .memory import measure_peak_memory, tensor_bytes
+    from .models import load_model
+    from .training import TrainConfig, train
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    steps, batch_size, beta = getattr(args, "steps", None) or 10, 8, 0.1
+    rows = _ending_rows(steps * batch_size)
+    ours, tokenizer = load_model(None, device=device)
+    add_lora(ours, "all-linear", r=8, alpha=16)
+    batches = dpo_batches(rows, tokenizer, batch_size)
+    config = TrainConfig(steps=steps, lr=1e-3, progress=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(rows),
+                             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"),
+                             args=DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
+                                            learning_rate=1e-3, per_device_train_batch_size=batch_size, beta=beta,
+                                            max_length=None, save_strategy="no", bf16=False,
+                                            gradient_checkpointing=False, use_cpu=not cuda, disable_tqdm=True))
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1
+    their_batches = [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
+    trainer.model.train()
+
+    def run_ours():
+        train(ours, batches, config, loss_fn=DPOLoss(beta), device=device)
+
+    def run_theirs():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for batch in their_batches:
+                trainer.training_step(trainer.model, batch)
+                trainer.optimizer.step()
+                trainer.lr_scheduler.step()
+                trainer.optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)
+
+    def dpo_steps(separate_reference: bool):
+        model = copy.deepcopy(ours)
+        reference = load_model(None, device=device)[0].requires_grad_(False) if separate_reference else None
+        train(model, batches, TrainConfig(steps=3, lr=1e-3, progress=False), loss_fn=DPOLoss(beta, reference=reference),
+              device=device)
+        return tensor_bytes(model) + (tensor_bytes(reference) if reference is not None else 0)
+
+    held_adapter, peak_adapter = measure_peak_memory(lambda: dpo_steps(False), device)
+    held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
+
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
+              "batch_pairs": batch_size, "step_s": [t_ours / steps, t_theirs / steps], "step_ratio": t_ours / t_theirs,
+              "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
+              "weights_held_mb": {"adapter_off": held_adapter / 1e6, "separate_reference": held_separate / 1e6},
+              "memory_method": peak_adapter.method}
+    print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
+          f"batch {batch_size} pairs · {steps} steps per run")
+    print(f"  step  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer {t_theirs / steps * 1e3:8.1f} ms   "
+          f"ratio {t_ours / t_theirs:.2f}×")
+    print(f"  reference  adapter off: peak {peak_adapter.mb:7.1f} MB, weights {held_adapter / 1e6:5.1f} MB   "
+          f"separate model: peak {peak_separate.mb:7.1f} MB, weights {held_separate / 1e6:5.1f} MB   "
+          f"({peak_adapter.method})")
+    return result
