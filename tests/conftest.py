@@ -28,3 +28,20 @@ def tiny_llama(seed: int = 0, tied: bool = True):
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+@pytest.fixture(scope="session")
+def hub_model_dir(tmp_path_factory) -> Path:
+    """A hub-shaped checkpoint folder (Qwen2, left-padding ChatML tokenizer, bf16): tests/hub_model.py."""
+    from .hub_model import build_hub_model
+
+    return build_hub_model(tmp_path_factory.mktemp("hub_model"))
+
+
+@pytest.fixture(scope="session")
+def hub(hub_model_dir):
+    """(model, tokenizer) of the hub-shaped checkpoint, loaded as a learner would (float32, CPU).
+    Shared by the session: copy the model before changing it, and leave the tokenizer's settings alone."""
+    from course_lib.models import load_model
+
+    return load_model(hub_model_dir, device="cpu")
