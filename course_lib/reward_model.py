@@ -186,6 +186,19 @@ def score_texts(model: nn.Module, tokenizer, texts: list[str], *, batch_size: in
     return torch.cat(out)
 
 
+def as_reward_fn(model: nn.Module, tokenizer, *, batch_size: int = 64) -> Callable[[list[str], list[str]], torch.Tensor]:
+    """``reward_fn(prompts, continuations) -> (B,) scores`` of ``prompt + continuation`` (an eos appended),
+    the form ``ppo.run_ppo`` takes. Checks the tokenizer now, not at the first rollout."""
+    require_pad_token(tokenizer)
+
+    def reward_fn(prompts: list[str], continuations: list[str]) -> torch.Tensor:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        return score_texts(model, tokenizer, [p + c for p, c in zip(prompts, continuations)], batch_size=batch_size)
+
+    return reward_fn
+
+
 @torch.no_grad()
 def pairwise_accuracy(model: nn.Module, tokenizer, rows: list[dict], *, batch_size: int = 64) -> float:
     """Share of pairs whose chosen completion scores strictly higher than the rejected one (TRL's
