@@ -47,6 +47,22 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def default_targets(model: nn.Module, method: str) -> list[str]:
+    """peft's default target modules for this architecture (``config.model_type``): ``method`` is
+    "lora", "ia3" or "ia3_feedforward". Llama: q_proj+v_proj for LoRA, k_proj+v_proj+down_proj for IA3;
+    Qwen2's IA3 adapts q_proj instead of k_proj — the defaults differ between architectures."""
+    from peft.utils import constants
+
+    mapping = {"lora": constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+               "ia3": constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+               "ia3_feedforward": constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING}[method]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        raise ValueError(f"peft has no default {method.split('_')[0].upper()} target modules for model type "
+                         f"{model_type!r}: pass target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
+    return list(mapping[model_type])
+
+
 def _is_linear(module: nn.Module) -> bool:
     from .nf4 import NF4Linear  # nn.Linear subclasses (bitsandbytes' Linear4bit too) count as linear
 

@@ -24,9 +24,6 @@ from . import adapters
 from .adapters import (PEFT_PREFIX, AdapterLayer, copy_saved, find_targets, matches, read_peft_adapter, refuse_unknown_keys,
                        refuse_unsupported, require_layers, require_modules, write_peft_adapter)
 
-# peft's defaults for Llama-style models (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
-DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
-DEFAULT_FEEDFORWARD = ("down_proj",)
 
 
 class IA3Linear(AdapterLayer):
@@ -85,17 +82,21 @@ class IA3Linear(AdapterLayer):
         return f"scales={side}, adapters={list(self.ia3_l)}, active={self.active_adapter!r}, merged={self.merged_adapters}"
 
 
-def add_ia3(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARGETS,
+def add_ia3(model: nn.Module, target_modules: str | Iterable[str] | None = None,
             feedforward_modules: str | Iterable[str] | None = None, adapter_name: str = "default",
             freeze: bool = True) -> list[str]:
     """Wrap the target linears in :class:`IA3Linear` (once) and add vectors ``adapter_name`` (ones).
 
     ``feedforward_modules`` (a subset of the targets, by the same exact-or-suffix rule) scale their
-    input; the others their output. None: the targets named like peft's Llama default (down_proj).
+    input; the others their output. ``None`` (both): peft's defaults for the architecture (Llama: k_proj,
+    v_proj and down_proj, down_proj scaling its input).
     Returns the adapted module names."""
+    if target_modules is None:
+        target_modules = adapters.default_targets(model, "ia3")
     names = find_targets(model, target_modules)
     if feedforward_modules is None:
-        feedforward_modules = [f for f in DEFAULT_FEEDFORWARD if any(matches(n, f) for n in names)]
+        feedforward_modules = [f for f in adapters.default_targets(model, "ia3_feedforward")
+                               if any(matches(n, f) for n in names)]
     ff = [feedforward_modules] if isinstance(feedforward_modules, str) else list(feedforward_modules)
     stray = [f for f in ff if not any(matches(n, f) for n in names)]
     if stray:

@@ -230,7 +230,7 @@ def mixed_lora_delta(layer: LoRALinear, x: torch.Tensor, row_adapters: list[str]
 # ------------------------------------------------------------------------------------------------
 # Injection
 # ------------------------------------------------------------------------------------------------
-def add_lora(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v_proj"), r: int = 8,
+def add_lora(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
              alpha: float = 8, dropout: float = 0.0, rslora: bool = False, adapter_name: str = "default",
              freeze: bool = True, rank_pattern: dict[str, int] | None = None,
              alpha_pattern: dict[str, float] | None = None) -> list[str]:
@@ -240,13 +240,14 @@ def add_lora(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", 
     active one and only the active adapter trains: after adding a second one, ``set_adapter`` picks
     which. ``rank_pattern`` / ``alpha_pattern`` give some layers another rank or alpha (peft's
     ``LoraConfig`` fields: keys are regular expressions matched against the end of the module name).
-    Returns the adapted module names. Defaults are peft's (r = 8, α = 8, q_proj and v_proj for Llama).
+    Returns the adapted module names. Defaults are peft's: r = 8, α = 8, and (``target_modules=None``)
+    peft's targets for the architecture (q_proj and v_proj for Llama and Qwen2).
     """
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE:
         raise ValueError(f"adapter_name must be a non-empty string other than {BASE!r}, got {adapter_name!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    names = find_targets(model, target_modules)
+    names = find_targets(model, adapters.default_targets(model, "lora") if target_modules is None else target_modules)
     if freeze:
         adapters.freeze_base(model)
     for name in names:
