@@ -404,6 +404,16 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
 BENCHMARKS["qlora"] = bench_qlora
 
 
+def bench_dpo(args: argparse.Namespace) -> dict:
+    """course_lib's DPO step vs TRL's DPOTrainer (course_lib/bench_dpo.py, imported on use: it needs TRL)."""
+    from .bench_dpo import bench_dpo as run
+
+    return run(args)
+
+
+BENCHMARKS["dpo"] = bench_dpo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="course-bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS) or 'none yet'}")

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 
 import torch
 
 
 def _ending_rows(n: int, seed: int = 0) -> list[dict]:
-    """Story openers with a happy (chosen) and a sad (rejected) ending; ``data.preference_rows`` when present."""
+    """Story openers with a happy (chosen) and a sad (rejected) ending."""
     from . import data
 
-    if hasattr(data, "preference_rows"):
-        return data.preference_rows("ending", "train", n=n, seed=seed)
-    rng, rows = random.Random(seed), []
-    for _ in range(n):
-        twin = random.Random()
-        twin.setstate(rng.getstate())  # the same opener; the label alone picks the ending
-        happy, sad = data.make_story(rng, "happy"), data.make_story(twin, "sad")
-        rows.append({"prompt": happy.body, "chosen": " " + happy.ending, "rejected": " " + sad.ending})
-    return rows
+    return data.preference_rows("ending", "train", n=n, seed=seed)
 
 
 def bench_dpo(args: argparse.Namespace) -> dict:
