@@ -6,50 +6,79 @@ Model-agnostic: they take whatever `(model, tokenizer)` `course_lib.models.load_
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .data import NAMES
+from .training import causal_lm_loss_sum, text_logits
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _text_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The logits of the real tokens, in float32. A prompt-tuned model also returns logits for its
-    virtual tokens, which come first (B, NV+T, V); its last T positions are the text's."""
-    if logits.shape[1] < ids.shape[1]:
-        raise ValueError(f"the model returned logits for {logits.shape[1]} positions, fewer than the "
-                         f"{ids.shape[1]} input tokens")
-    return logits[:, logits.shape[1] - ids.shape[1]:].float()
+@contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """Pad on ``side`` inside the block and restore the tokenizer's own side after it."""
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 @torch.no_grad()
 def lm_loss(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 256) -> float:
     """Mean next-token cross-entropy (nats/token) over all real tokens of ``texts``.
 
-    Token-weighted, so it does not depend on how the texts are batched. Texts longer than
-    ``max_length`` tokens are an error (rather than silently truncated).
+    Token-weighted, so it does not depend on how the texts are batched, nor on the tokenizer's padding
+    side: the texts are padded on the right, so each starts at position 0 (right for any position
+    scheme; Llama, given no position_ids, numbers positions 0…T−1 whatever the mask says), and a token
+    is scored only when the token it is predicted from is real too — never the first token from a pad.
+    Texts longer than ``max_length`` tokens are an error (rather than silently truncated).
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
+        with padding_side(tokenizer, "right"):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
         if enc["input_ids"].shape[1] > max_length:
             raise ValueError(f"a text is {enc['input_ids'].shape[1]} tokens long, over max_length={max_length}")
-        ids = enc["input_ids"].to(_device(model))
-        mask = enc["attention_mask"].to(_device(model))
-        logits = _text_logits(model(input_ids=ids, attention_mask=mask).logits, ids)  # (B, T, V)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                                           ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((targets != -100).sum())
+        ids = enc["input_ids"].to(_device(model))  # (B, T)
+        mask = enc["attention_mask"].to(_device(model))  # (B, T)
+        predicted_from_pad = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1) == 0  # (B, T)
+        labels = ids.masked_fill((mask == 0) | predicted_from_pad, -100)  # (B, T)
+        summed = causal_lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+        total += summed.total.item()
+        count += int(summed.count)
     model.train(was_training)
     return total / count
+
+
+def stop_token_ids(tokenizer, stop_tokens: tuple[str, ...]) -> list[int]:
+    """The ids of ``stop_tokens``, each a single token of the vocabulary; any other is a ValueError
+    naming it and the tokenizer's special tokens (no silent None, no silent unknown-token id)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in stop_tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"stop_tokens {missing} are not tokens of this tokenizer; its special tokens are "
+                         f"{tokenizer.all_special_tokens}. Pass one of them (templates.end_of_turn_token(tokenizer) "
+                         f"is the chat template's end of turn), or pass text as stop_strings")
+    return [vocab[t] for t in stop_tokens]
+
+
+def _eos_ids(model: nn.Module, tokenizer, stop_tokens: tuple[str, ...]) -> list[int]:
+    """Where generation stops: the model's own eos ids (generation_config: chat models list their
+    end-of-turn there), the tokenizer's eos, and ``stop_tokens``."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+    ids = [*config_eos, tokenizer.eos_token_id, *stop_token_ids(tokenizer, stop_tokens)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 @torch.no_grad()
@@ -57,21 +86,21 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
              do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
              stop_strings: tuple[str, ...] = (), stop_tokens: tuple[str, ...] = ()) -> list[str]:
     """Continue each prompt; returns only the new text (special tokens removed). Generation of a row
-    ends at the tokenizer's eos or at any of ``stop_tokens`` (e.g. a chat template's end-of-turn)."""
+    ends at an eos (the model's generation config and the tokenizer's) or at any of ``stop_tokens``
+    (token strings, e.g. ``templates.end_of_turn_token(tokenizer)``; one the vocabulary lacks is a
+    ValueError). The text is then cut at the first of ``stop_strings``."""
+    stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    stop_tokens = (stop_tokens,) if isinstance(stop_tokens, str) else tuple(stop_tokens)
+    eos_ids = _eos_ids(model, tokenizer, stop_tokens)
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only generation needs left padding
-    try:
+    with padding_side(tokenizer, "left"):  # decoder-only generation needs left padding
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(_device(model))
-        with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
-            torch.manual_seed(seed)  # sampling is reproducible, and the caller's RNG is left alone
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=[tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(stop_tokens))])
-    finally:
-        tokenizer.padding_side = side
+    with torch.random.fork_rng(devices=[] if _device(model).type == "cpu" else [_device(model)]):
+        torch.manual_seed(seed)  # sampling is reproducible, and the caller's RNG is left alone
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
     model.train(was_training)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     for stop in stop_strings:
@@ -110,7 +139,9 @@ def addition_accuracy(model: nn.Module, tokenizer, pairs: list[tuple[int, int]],
 @torch.no_grad()
 def completion_logprobs(model: nn.Module, tokenizer, prompts: list[str], completions: list[str],
                         *, batch_size: int = 64) -> torch.Tensor:
-    """Sum of log p(completion tokens | prompt) per row, shape (N,)."""
+    """Sum of log p(completion tokens | prompt) per row, shape (N,). The rows are built by
+    ``templates.tokenize_prompt_and_completion`` (right-padded whatever the tokenizer's padding side)."""
+    from .rl import token_logprobs
     from .templates import tokenize_prompt_and_completion
 
     was_training = model.training
@@ -120,12 +151,11 @@ def completion_logprobs(model: nn.Module, tokenizer, prompts: list[str], complet
         batch = tokenize_prompt_and_completion(prompts[i:i + batch_size], completions[i:i + batch_size],
                                                tokenizer, add_eos=False)
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
-        logits = _text_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                              batch["input_ids"])  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+        ids = batch["input_ids"]  # (B, T)
+        logits = text_logits(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids.shape[1])
         labels = batch["labels"][:, 1:]  # (B, T-1)
         mask = labels != -100
-        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        token_logp = token_logprobs(logits[:, :-1], labels.clamp(min=0))  # (B, T-1)
         out.append((token_logp * mask).sum(-1).cpu())
     model.train(was_training)
     return torch.cat(out)

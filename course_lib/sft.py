@@ -2,6 +2,8 @@
 
     L(θ) = − Σ_t m_t log p_θ(y_t | y_<t)  /  Σ_t m_t        (m_t = 1 on completion / assistant tokens)
 
+summed over every row of an optimizer step — all micro-batches and processes — as TRL does.
+
 Data comes in TRL's formats — ``{"prompt", "completion"}`` or ``{"messages"}`` — and becomes the same
 ``input_ids`` / ``labels`` TRL's ``SFTTrainer`` builds (tests/test_sft.py checks labels and loss
 against it). LoRA is the default; ``full_finetune=True`` trains every weight. ``packing=True`` packs
@@ -16,10 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .templates import pack_examples, pad_right, tokenize_messages, tokenize_prompt_and_completion, unpad
-from .training import History, TrainConfig, train
-
-END_OF_TURN = "<|end|>"  # the embedded chat template closes every turn with it
+from .templates import (end_of_turn_token, pack_examples, pad_right, tokenize_messages,
+                        tokenize_prompt_and_completion, unpad)
+from .training import History, LossSum, TrainConfig, causal_lm_loss_sum, train
 
 
 def data_format(rows: list[dict]) -> str:
@@ -48,10 +49,13 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None = None) ->
                                           tokenizer, max_length=max_length)
 
 
-def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over label tokens. ``use_cache=False``: a cache would make transformers skip
-    the packed-sequence detection that keeps attention inside each packed example."""
-    return model(**batch, use_cache=False).loss
+def sft_loss(model: nn.Module, batch: dict) -> LossSum:
+    """Cross-entropy summed over the label tokens, with their count: :func:`training.train` divides by
+    the count of the whole accumulation window (TRL's token mean over the window); ``.mean()`` / ``.item()``
+    is this batch's mean. ``use_cache=False``: a cache would make transformers skip the packed-sequence
+    detection that keeps attention inside each packed example."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return causal_lm_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
 def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool = False,
@@ -98,12 +102,13 @@ def chat_prompt(messages: list[dict], tokenizer) -> str:
 
 
 def instruction_accuracy(model: nn.Module, tokenizer, rows: list[dict], *, max_new_tokens: int = 8) -> float:
-    """Exact match of the greedy answer (up to the end of its first line) with the reference assistant
-    reply, over chat rows ``{"messages": [user, assistant]}``."""
+    """Exact match of the greedy answer (up to the end of its turn or first line) with the reference
+    assistant reply, over chat rows ``{"messages": [user, assistant]}``. The turn ends at the chat
+    template's own end-of-turn token (:func:`templates.end_of_turn_token`), whatever the model."""
     from .evaluate import generate
 
     prompts = [chat_prompt(r["messages"][:-1], tokenizer) for r in rows]
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=("\n",),
-                       stop_tokens=(END_OF_TURN,))
+                       stop_tokens=(end_of_turn_token(tokenizer),))
     return sum(a.strip().lower() == r["messages"][-1]["content"].strip().lower()
                for a, r in zip(answers, rows)) / len(rows)

@@ -4,7 +4,8 @@
 * ``tokenize_messages`` — chat rows through the tokenizer's chat template, loss on the assistant's turns;
 * ``FLAN_TEMPLATES`` / ``instruction_dataset`` — the corpus's tasks phrased by several templates, with
   held-out templates and a held-out task (Wei et al. 2021, FLAN);
-* ``pack_examples`` — several examples per row, position ids restarting, no cross-example attention.
+* ``pack_examples`` — several examples per row, position ids restarting, no cross-example attention;
+* ``end_of_turn_token`` — the token the chat template closes an assistant turn with (where generation stops).
 
 Labels equal TRL's ``SFTTrainer`` collator output (tests/test_sft.py).
 """
@@ -152,6 +153,29 @@ def tokenize_messages(conversations: list[list[dict]], tokenizer, max_length: in
             raise ValueError(f"row {i}: {len(ids)} tokens, over max_length={max_length}")
         rows.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
     return pad_right(rows, tokenizer.pad_token_id)
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that closes an assistant turn in the tokenizer's chat template — ``<|end|>`` for the
+    embedded model, ``<|im_end|>`` for ChatML (Qwen), ``<|eot_id|>`` for Llama 3 — so generation can
+    stop there. Read off the template itself: render a reply and take the first special token after
+    its text; a template that closes turns with plain text falls back to the eos token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, so it has no end-of-turn token; set "
+                         "tokenizer.chat_template, or stop generation with stop_strings")
+    reply = "\u2063reply\u2063"  # text no template adds by itself
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+                                         tokenize=False)
+    if reply not in text:
+        raise ValueError("the chat template does not render the assistant's reply verbatim; pass stop_tokens "
+                         "to generation yourself")
+    after = tokenizer(text[text.index(reply) + len(reply):], add_special_tokens=False)["input_ids"]
+    special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
+    closing = next((i for i in after if i in special), tokenizer.eos_token_id)
+    if closing is None:
+        raise ValueError("the chat template closes a turn with no special token and the tokenizer has no eos "
+                         "token; stop generation with stop_strings")
+    return tokenizer.convert_ids_to_tokens(closing)
 
 
 def pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,15 @@
 AdamW (or SGD), linear warm-up then cosine decay, gradient accumulation, gradient clipping, a tqdm
 progress bar and a history for plots. It runs in a plain process, and under ``accelerate launch``
 (DDP) when `accelerate` is asked for or detected, so the same notebook code scales to several GPUs.
+
+A loss says what it averages over by returning a :class:`LossSum` (sum of per-item losses, number of
+items: tokens, preference pairs, sequences). An optimizer step then minimises
+
+    L = Σ_{micro-batches m, processes r} total_{m,r}  /  Σ_{m,r} count_{m,r}
+
+— the loss of one process on the whole batch, however the batch was split into micro-batches and
+processes. That is what transformers' Trainer does with ``num_items_in_batch`` (and TRL's SFT inherits):
+the token mean over the accumulation window and over all devices, not a mean of per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ class TrainConfig:
     progress: bool = True
     desc: str = "train"
     use_accelerate: bool | None = None  # None: only when started by `accelerate launch`
+    # Under DDP, each process trains on its share of every batch's rows (accelerate's `split_batches`),
+    # so N processes on a batch equal one process on it. False: each process's `batches` already differ.
+    split_batches: bool = True
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -90,8 +102,89 @@ def _launched_by_accelerate() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
-def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+@dataclass(frozen=True)
+class LossSum:
+    """A loss that says what it averages over: ``total``, the sum of the per-item losses (a scalar
+    tensor with gradient), and ``count``, how many items it sums (tokens, pairs, sequences).
+
+    :func:`train` divides the totals of a whole accumulation window, summed over processes, by the
+    window's summed count. A ``loss_fn`` may also return the plain pair ``(total, count)``.
+    """
+
+    total: torch.Tensor  # ()
+    count: torch.Tensor | int  # () or int
+
+    def mean(self) -> torch.Tensor:
+        """The loss of this batch alone: total / count."""
+        return self.total / self.count
+
+    def item(self) -> float:
+        """``mean()`` as a float, so a LossSum prints and logs like a scalar loss."""
+        return float(self.mean())
+
+
+def text_logits(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """The logits of the last ``length`` positions: the text's. A prompt-tuned model also returns
+    logits for its virtual tokens, which come first: (B, NV+T, V) → (B, T, V)."""
+    if logits.shape[1] < length:
+        raise ValueError(f"the model returned logits for {logits.shape[1]} positions, fewer than the "
+                         f"{length} input tokens")
+    return logits[:, logits.shape[1] - length:]
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
+    """Next-token cross-entropy, summed:  Σ_t −log p(labels[t+1] | ≤ t)  over the positions whose
+    shifted label is not −100, and their count (transformers' ``ForCausalLMLoss`` with
+    ``num_items_in_batch``: the same shift, the same −100 convention, computed in float32).
+
+    ``logits`` (B, T, V), or (B, NV+T, V) from a prompt-tuned model; ``labels`` (B, T).
+    """
+    shift_logits = text_logits(logits, labels.shape[1])[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    total = nn.functional.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(),
+                                        ignore_index=-100, reduction="sum")
+    return LossSum(total, (shift_labels != -100).sum())
+
+
+def default_loss(model: nn.Module, batch: dict) -> LossSum:
+    """Causal-LM loss on ``batch["labels"]`` (−100 = not trained on), token-weighted across the
+    accumulation window. The model gets every other key (input_ids, attention_mask, position_ids…)."""
+    if "labels" not in batch:
+        raise KeyError(f"the default loss needs batch['labels'] (token ids, −100 where not trained on); the "
+                       f"batch has {sorted(batch)}. Add labels, or pass loss_fn=…")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return causal_lm_loss_sum(model(**inputs).logits, batch["labels"])
+
+
+def _as_loss_sum(out) -> LossSum | None:
+    """A loss_fn's return value as a LossSum, or None for a plain scalar loss."""
+    if isinstance(out, LossSum):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return LossSum(*out)
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        return None
+    raise TypeError(f"loss_fn returned {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+                    f"; return a scalar tensor (a mean), or a LossSum / (total, count) pair")
+
+
+def _split_rows(batch: dict, rank: int, world: int) -> dict:
+    """This process's share of the batch's rows: the ``rank``-th of ``world`` near-equal chunks."""
+    rows = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0}
+    if len(rows) != 1:
+        raise ValueError(f"split_batches needs every tensor of a batch to have the same number of rows; got "
+                         f"{ {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)} }")
+    (n,) = rows
+    if n < world:
+        raise ValueError(f"a batch of {n} rows cannot be split across {world} processes: use batches of at least "
+                         f"{world} rows, or TrainConfig(split_batches=False) and give each process its own data")
+    other = {k: type(v).__name__ for k, v in batch.items()
+             if not isinstance(v, (torch.Tensor, int, float, str, bool, type(None)))}
+    if other:
+        raise ValueError(f"split_batches can split a batch's tensors, not {other}: use TrainConfig(split_batches=False) "
+                         f"and give each process its own data")
+    return {k: (v.tensor_split(world)[rank] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+            for k, v in batch.items()}
 
 
 def train(
@@ -99,7 +192,7 @@ def train(
     batches: Iterable[dict] | Callable[[int], dict],
     config: TrainConfig,
     *,
-    loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor | LossSum | tuple] = default_loss,
     callback: Callable[[int, nn.Module, History], None] | None = None,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -107,8 +200,19 @@ def train(
     """Train ``model`` for ``config.steps`` optimizer steps and return the :class:`History`.
 
     ``batches`` is an iterable of dicts of tensors, or a function ``micro_step -> batch`` (handy for
-    deterministic, endlessly generated data). Each optimizer step consumes ``grad_accum`` batches;
-    the loss of each is divided by ``grad_accum`` so the gradient is their mean.
+    deterministic, endlessly generated data). Each optimizer step consumes ``grad_accum`` batches.
+
+    ``loss_fn(model, batch)`` returns either
+
+    * a :class:`LossSum` or a ``(total, count)`` pair (the default loss and ``sft.sft_loss`` do, per
+      token): the step minimises Σ total / Σ count over the window's micro-batches and, under DDP,
+      over all processes — the same update as one process on the whole window (transformers' Trainer
+      with ``num_items_in_batch``); ``history.loss`` is that window mean, equal on every process;
+    * a scalar tensor, read as the mean over its micro-batch: each is divided by ``grad_accum`` so the
+      step follows the mean of the micro-batch means (equal to the whole-window mean only when every
+      micro-batch holds the same number of items); under DDP the processes' gradients are averaged.
+
+    Under DDP each process takes its share of every batch's rows (``config.split_batches``).
     ``callback(step, model, history)`` runs after every optimizer step (evaluation, early stop by
     raising ``StopIteration``).
     """
@@ -124,10 +228,16 @@ def train(
     if config.use_accelerate or (config.use_accelerate is None and _launched_by_accelerate()):
         from accelerate import Accelerator
 
-        accelerator = Accelerator(gradient_accumulation_steps=1)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # cpu=True where the model trains on the CPU: without it accelerate finds no GPU under torchrun and
+        # quietly runs every process alone (DistributedType.NO), each on its own, never all-reducing
+        accelerator = Accelerator(gradient_accumulation_steps=1, cpu=device.type == "cpu")
+        # the scheduler stays ours, stepped once per optimizer step: accelerate's wrapper would step it once
+        # per process (it assumes every process draws its own batches), decaying the lr N times too fast
+        model, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
     is_main = accelerator is None or accelerator.is_main_process
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
 
     source: Iterator[dict] | None = None if callable(batches) else iter(batches)
     micro_step = 0
@@ -136,7 +246,18 @@ def train(
         nonlocal micro_step
         batch = batches(micro_step) if source is None else next(source)
         micro_step += 1
+        if world > 1 and config.split_batches:
+            batch = _split_rows(batch, rank, world)
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def backward(loss: torch.Tensor) -> None:
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    # window sums of LossSum losses (total, count), in float64 where the device has it
+    stats_dtype = torch.float32 if device.type == "mps" else torch.float64
 
     history = History()
     model.train()
@@ -150,15 +271,40 @@ def train(
     try:
         for step in range(config.steps):
             total = 0.0
+            window = torch.zeros(2, dtype=stats_dtype, device=device)  # (Σ total, Σ count) of LossSum losses
+            scalar_losses: bool | None = None  # what this window's loss_fn returns: means, or LossSums
             for _ in range(config.grad_accum):
                 batch = next_batch()
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = loss_fn(model, batch) / config.grad_accum
-                if accelerator is not None:
-                    accelerator.backward(loss)
-                else:
-                    loss.backward()
-                total += loss.item()
+                    out = loss_fn(model, batch)
+                summed = _as_loss_sum(out)
+                if scalar_losses is None:
+                    scalar_losses = summed is None
+                elif scalar_losses != (summed is None):
+                    raise TypeError("loss_fn returned a scalar for some micro-batches and a LossSum / (total, count) "
+                                    "for others: return one kind")
+                if summed is None:  # a mean over its micro-batch: the step follows the mean of the means
+                    loss = out / config.grad_accum
+                    backward(loss)
+                    total += loss.item()
+                else:  # the plain sum now; divided by the window's count (all processes) below
+                    backward(summed.total)
+                    window += torch.stack([summed.total.detach().to(stats_dtype),
+                                           torch.as_tensor(summed.count, device=device).to(stats_dtype)])
+            if not scalar_losses:
+                if world > 1:
+                    window = accelerator.reduce(window, reduction="sum")
+                total_items = float(window[1])
+                if total_items == 0:
+                    raise ValueError(f"step {step}: the loss counted no items (tokens, pairs, …) in its "
+                                     f"{config.grad_accum} micro-batch(es){' on any process' if world > 1 else ''}: "
+                                     f"are all labels -100? Check the loss mask of your data")
+                # DDP averaged the processes' gradients of Σ total; × world / N gives ∇ (Σ total / N)
+                scale = world / total_items
+                for p in trainable:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+                total = float(window[0]) / total_items
             if config.max_grad_norm is not None:
                 clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
                 grad_norm = float(clip(trainable, config.max_grad_norm))

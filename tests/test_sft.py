@@ -45,7 +45,7 @@ def test_messages_labels_and_loss_equal_trl_assistant_only(embedded):
         assert torch.equal(ours[key], theirs[key]), key
     with torch.no_grad():
         # same tokens and labels; TRL sums and divides by the token count itself: the last bit may differ
-        torch.testing.assert_close(sft_loss(model, ours), their_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(sft_loss(model, ours).mean(), their_loss, rtol=1e-6, atol=0)
     # the loss is on the assistant's answer and its end-of-turn token only
     first = ours["labels"][0][ours["labels"][0] != -100]
     assert tokenizer.decode(first) == rows[0]["messages"][1]["content"] + "<|end|>"
@@ -61,7 +61,7 @@ def test_prompt_completion_labels_and_loss_equal_trl_completion_only(embedded):
         assert torch.equal(ours[key], theirs[key]), key
     with torch.no_grad():
         # same tokens and labels; TRL sums and divides by the token count itself: the last bit may differ
-        torch.testing.assert_close(sft_loss(model, ours), their_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(sft_loss(model, ours).mean(), their_loss, rtol=1e-6, atol=0)
 
 
 def test_packed_and_unpacked_losses_are_equal(embedded):
@@ -71,10 +71,10 @@ def test_packed_and_unpacked_losses_are_equal(embedded):
     assert packed["input_ids"].shape[0] < batch["input_ids"].shape[0]  # it did pack
     assert int((packed["labels"] != -100).sum()) == int((batch["labels"] != -100).sum())
     with torch.no_grad():
-        torch.testing.assert_close(sft_loss(model, packed), sft_loss(model, batch), rtol=1e-5, atol=0)
+        torch.testing.assert_close(sft_loss(model, packed).mean(), sft_loss(model, batch).mean(), rtol=1e-5, atol=0)
         # without restarting positions the examples would see each other: a different loss
         leaky = {k: v for k, v in packed.items() if k != "position_ids"}
-        assert abs(sft_loss(model, leaky) - sft_loss(model, batch)) > 1e-3
+        assert abs(sft_loss(model, leaky).item() - sft_loss(model, batch).item()) > 1e-3
 
 
 def test_packing_restarts_positions_and_masks_each_examples_first_token():
@@ -148,3 +148,51 @@ def test_run_sft_trains_lora_by_default_and_every_weight_on_request(embedded):
     full = copy.deepcopy(model)
     run_sft(full, rows, tokenizer, config, batch_size=4, full_finetune=True)
     assert not list(lora_layers(full)) and not torch.equal(full.get_input_embeddings().weight, embedding)
+
+
+def test_accumulated_sft_update_is_the_token_mean_of_the_whole_batch(embedded):
+    """A 3-token answer and an 11-token answer (with their <|end|>), one per micro-batch (grad_accum=2): the update of one
+    batch of both under transformers' (= TRL's) token-mean loss, not the mean of the two answers' means."""
+    import copy
+
+    from course_lib.training import TrainConfig, train
+
+    model, tokenizer = embedded
+    rows = [{"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": " hi"}]},
+            {"messages": [{"role": "user", "content": "What color is the sky?"},
+                          {"role": "assistant", "content": " The sky is blue and the grass is green."}]}]
+    whole = tokenize_rows(rows, tokenizer)
+    assert sorted(int((r[1:] != -100).sum()) for r in whole["labels"]) == [3, 11]
+    reference = copy.deepcopy(model)
+    reference(**whole).loss.backward()  # transformers' token mean over both rows
+    with torch.no_grad():
+        expected = [p - 1e-2 * p.grad for p in reference.parameters()]
+    ours = copy.deepcopy(model)
+    train(ours, iter([tokenize_rows(rows[:1], tokenizer), tokenize_rows(rows[1:], tokenizer)]),
+          TrainConfig(steps=1, lr=1e-2, optimizer="sgd", max_grad_norm=None, grad_accum=2, progress=False),
+          loss_fn=sft_loss)
+    for a, b in zip(ours.parameters(), expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_instruction_accuracy_stops_at_the_chat_templates_own_end_of_turn(embedded, monkeypatch):
+    """With a ChatML tokenizer (eos <|eos|>, turns closed by <|im_end|>) generation is told to stop at
+    <|im_end|>; the hard-coded <|end|> of the embedded model was a crash here."""
+    import copy
+
+    from course_lib import evaluate
+    from course_lib.sft import instruction_accuracy
+
+    from .chat_templates import chatml_tokenizer
+
+    model, _ = embedded
+    tokenizer = chatml_tokenizer()
+    model = copy.deepcopy(model)
+    model.resize_token_embeddings(len(tokenizer))
+    rows = _rows()[:4]
+    accuracy = instruction_accuracy(model, tokenizer, rows, max_new_tokens=3)
+    assert 0.0 <= accuracy <= 1.0
+    asked = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **kw: asked.append(kw["stop_tokens"]) or [""] * len(rows))
+    instruction_accuracy(model, tokenizer, rows)
+    assert asked == [("<|im_end|>",)]

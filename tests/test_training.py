@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from course_lib.training import TrainConfig, cosine_with_warmup, train
+from course_lib.training import LossSum, TrainConfig, cosine_with_warmup, default_loss, train
 
 from .conftest import tiny_llama
 
@@ -59,6 +59,134 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+def _unequal_rows():
+    """Two rows of 17 tokens whose labels keep 2 and 16 targets after the shift: a mean of the two
+    micro-batch means weighs each of row 0's tokens 8× more than a token mean does."""
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(7))  # (2, 17)
+    labels = ids.clone()
+    labels[0, :15] = -100  # targets: tokens 15, 16
+    return ids, labels
+
+
+def _one_sgd_step(model, loss):
+    """The parameters after one plain SGD step (lr 1e-2) on ``loss`` — what our SGD's first step does."""
+    loss.backward()
+    with torch.no_grad():
+        return [p - 1e-2 * p.grad for p in model.parameters()]
+
+
+_SGD = dict(steps=1, lr=1e-2, max_grad_norm=None, progress=False, optimizer="sgd")
+
+
+def test_accumulated_update_is_token_weighted_like_one_batch_on_unequal_rows():
+    """grad_accum=2 on one row each gives the update of one batch of both rows: the gradient of
+    transformers' token-mean loss on the whole batch (not the mean of the two rows' means)."""
+    ids, labels = _unequal_rows()
+    reference = tiny_llama(seed=4)
+    expected = _one_sgd_step(reference, reference(input_ids=ids, labels=labels).loss)
+    whole, accumulated = tiny_llama(seed=4), tiny_llama(seed=4)
+    history = train(whole, [{"input_ids": ids, "labels": labels}], TrainConfig(**_SGD))
+    rows = [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]} for i in range(2)]
+    accumulated_history = train(accumulated, iter(rows), TrainConfig(grad_accum=2, **_SGD))
+    for want, a, b in zip(expected, whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert accumulated_history.loss[0] == pytest.approx(tiny_llama(seed=4)(input_ids=ids, labels=labels).loss.item(),
+                                                            rel=1e-5)
+    assert history.loss[0] == pytest.approx(accumulated_history.loss[0], rel=1e-6)
+
+
+def test_gradient_accumulation_matches_transformers_trainer(tmp_path):
+    """The same two unequal rows through transformers' Trainer (batch 1, gradient_accumulation_steps=2,
+    SGD): its num_items_in_batch weighting and ours give the same weights."""
+    import warnings
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids, labels = _unequal_rows()
+    rows = [{"input_ids": ids[i].tolist(), "labels": labels[i].tolist()} for i in range(2)]
+    theirs, ours = tiny_llama(seed=4), tiny_llama(seed=4)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=theirs, args=args, train_dataset=Dataset.from_list(rows)).train()
+    train(ours, iter([{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]} for i in range(2)]),
+          TrainConfig(grad_accum=2, **_SGD))
+    for a, b in zip(theirs.parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_custom_loss_says_what_it_averages_over():
+    """A per-sequence loss returns (Σ over sequences, number of sequences): micro-batches of 1 and 3
+    rows then give the update of the mean over all 4 sequences. A scalar loss keeps its meaning: the
+    mean of the micro-batch means, here (row 0 + mean of rows 1–3) / 2."""
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))  # (4, 10)
+
+    def per_sequence(model, batch):  # (B,) mean token loss of each sequence
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
+        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+        return token.mean(-1)
+
+    reference = tiny_llama(seed=2)
+    sequence_mean = _one_sgd_step(reference, per_sequence(reference, {"input_ids": ids}).mean())
+    reference = tiny_llama(seed=2)
+    mean_of_means = _one_sgd_step(reference, (per_sequence(reference, {"input_ids": ids[:1]}).mean()
+                                              + per_sequence(reference, {"input_ids": ids[1:]}).mean()) / 2)
+    micro = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    for loss_fn, want in ((lambda m, b: (per_sequence(m, b).sum(), b["input_ids"].shape[0]), sequence_mean),
+                          (lambda m, b: LossSum(per_sequence(m, b).sum(), len(b["input_ids"])), sequence_mean),
+                          (lambda m, b: per_sequence(m, b).mean(), mean_of_means)):
+        model = tiny_llama(seed=2)
+        train(model, iter(micro), TrainConfig(grad_accum=2, **_SGD), loss_fn=loss_fn)
+        for a, b in zip(model.parameters(), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(sequence_mean, mean_of_means)) > 1e-4  # they do differ
+
+
+def test_default_loss_is_transformers_loss_as_a_token_sum():
+    ids, labels = _unequal_rows()
+    model = tiny_llama(seed=1)
+    with torch.no_grad():
+        summed = default_loss(model, {"input_ids": ids, "labels": labels})
+        assert int(summed.count) == 18
+        torch.testing.assert_close(summed.mean(), model(input_ids=ids, labels=labels).loss, rtol=1e-6, atol=0)
+        assert summed.item() == pytest.approx(float(summed.total) / 18)
+
+
+def test_bad_losses_are_clear_errors():
+    ids, labels = _unequal_rows()
+    batch = {"input_ids": ids, "labels": labels}
+    with pytest.raises(KeyError, match=r"default loss needs batch\['labels'\]"):
+        train(tiny_llama(), [{"input_ids": ids}], TrainConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="counted no items.*all labels -100"):
+        train(tiny_llama(), [{"input_ids": ids, "labels": torch.full_like(ids, -100)}], TrainConfig(steps=1, progress=False))
+    with pytest.raises(TypeError, match=r"loss_fn returned Tensor\(2,\)"):
+        train(tiny_llama(), [batch], TrainConfig(steps=1, progress=False), loss_fn=lambda m, b: torch.ones(2))
+    kinds = iter([default_loss, lambda m, b: m(**b).loss])
+    with pytest.raises(TypeError, match="scalar for some micro-batches"):
+        train(tiny_llama(), [batch, batch], TrainConfig(steps=1, grad_accum=2, progress=False),
+              loss_fn=lambda m, b: next(kinds)(m, b))
+
+
+def test_data_parallel_processes_take_their_share_of_each_batch():
+    from course_lib.training import _split_rows
+
+    batch = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(10).view(5, 2), "note": "kept"}
+    shares = [_split_rows(batch, rank, 2) for rank in (0, 1)]
+    assert [s["input_ids"][:, 0].tolist() for s in shares] == [[0, 2, 4], [6, 8]] and shares[1]["note"] == "kept"
+    with pytest.raises(ValueError, match="a batch of 1 rows cannot be split across 2 processes"):
+        _split_rows({"input_ids": torch.zeros(1, 3)}, 0, 2)
+    with pytest.raises(ValueError, match=r"not \{'rollout': 'object'\}.*split_batches=False"):
+        _split_rows({"input_ids": torch.zeros(2, 3), "rollout": object()}, 0, 2)
+    with pytest.raises(ValueError, match="same number of rows"):
+        _split_rows({"input_ids": torch.zeros(2, 3), "labels": torch.zeros(3, 3)}, 0, 2)
+
+
 def test_callback_can_stop_early():
     def stop(step, model, history):
         if step == 2:
@@ -82,13 +210,17 @@ def test_bad_configs_and_models_are_clear_errors():
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_training_on_cpu(tmp_path):
-    """The loop switches to accelerate (DDP, gloo on CPU) when launched with several processes;
-    with the same batch on both ranks the averaged gradient equals the single-process one."""
+def test_two_process_data_parallel_training_equals_one_process_on_the_whole_batch(tmp_path):
+    """Under torchrun (accelerate's DDP, gloo on CPU) each process trains on its half of every batch,
+    rows with unequal token counts: the weights and losses equal one process's on the whole batch. It
+    fails if gradients are not all-reduced (the ranks drift apart) or if each process divides by its own
+    token count instead of the total (a different weighting of the rows)."""
     import json
     import shutil
     import subprocess
     import sys
+
+    from safetensors.torch import load_file
 
     from .conftest import ROOT
 
@@ -97,10 +229,19 @@ def test_two_process_data_parallel_training_on_cpu(tmp_path):
     out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*_world2.json"))]
-    assert sorted(r["rank"] for r in runs) == [0, 1] and all(r["world"] == 2 for r in runs)
     single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    expected = json.loads((tmp_path / "rank0_world1.json").read_text())["loss"]
+    runs = [json.loads((tmp_path / f"rank{r}_world2.json").read_text()) for r in (0, 1)]
+    alone = json.loads((tmp_path / "rank0_world1.json").read_text())
+    # the processes trained on different halves of each batch; together, on what the single process saw
+    for a, b, whole in zip(runs[0]["seen"], runs[1]["seen"], alone["seen"]):
+        assert a[0] == b[0] == 2 and whole[0] == 4
+        assert a[2] + b[2] == whole[2] and a[1] + b[1] == whole[1] and a[1] != b[1]
+    weights = [load_file(tmp_path / f"rank{r}_world2.safetensors") for r in (0, 1)]
+    expected = load_file(tmp_path / "rank0_world1.safetensors")
+    assert alone["moved"] > 1e-3  # it trained
+    for name, value in expected.items():
+        for run in weights:
+            torch.testing.assert_close(run[name], value, rtol=1e-5, atol=1e-6, msg=name)
     for run in runs:
-        assert run["loss"] == pytest.approx(expected, rel=1e-5)
+        assert run["loss"] == pytest.approx(alone["loss"], rel=1e-5)
