@@ -93,12 +93,12 @@ def build(root: Path = ROOT, check: bool = False) -> list[str]:
 def execute_in_place(paths: list[Path], cell_timeout: int = 600) -> None:
     """Re-run notebooks top to bottom and save them with fresh outputs (what the forge shows)."""
     import nbformat
-    from nbclient import NotebookClient
+
+    from .notebook_run import execute_notebook
 
     for path in paths:
         nb = nbformat.read(path, as_version=4)
-        NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        execute_notebook(nb, path.parent, cell_timeout=cell_timeout)
         nbformat.write(nb, path)
         print(f"executed {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

@@ -74,30 +74,22 @@ def inject_parameters(nb, parameters: dict) -> None:
     raise ValueError("the notebook has no cell tagged 'parameters': tag the cell that sets PROFILE and MODEL")
 
 
-def _kernel_env_pythonpath() -> None:
-    """Kernels must import this checkout's course_lib even where it is not pip-installed (the GPU image)."""
-    parts = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
-
-
 def run_notebook(path: Path, out_dir: Path, parameters: dict, cell_timeout: int) -> NotebookResult:
     import nbformat
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     from .build import clear_outputs
+    from .notebook_run import execute_notebook
 
     nb = nbformat.read(path, as_version=4)
     clear_outputs(nb)  # the committed outputs are from another run: never let them pass for this one's
     metrics_path = out_dir / f"{path.stem}.metrics.json"
     metrics_path.unlink(missing_ok=True)
     inject_parameters(nb, {**parameters, "METRICS_PATH": str(metrics_path)})
-    client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     status, detail = "ok", ""
     try:
-        client.execute()
+        execute_notebook(nb, path.parent, cell_timeout=cell_timeout)
     except CellTimeoutError:
         status, detail = "timeout", f"a cell ran over {cell_timeout} s"
     except DeadKernelError as e:
@@ -126,7 +118,12 @@ def format_table(results: list[NotebookResult]) -> str:
 
 
 def parse_only(only: str | None) -> list[str]:
+    """The lessons to run, in order; an error naming what is wrong when there are none to run."""
     available = lesson_notebooks()
+    if not available:
+        raise ValueError(f"no lesson notebooks (NN_*.ipynb) in {NOTEBOOKS}: course-lab runs the notebooks of a "
+                         f"source checkout, which a non-editable install does not include; clone the course "
+                         f"repository and run `pip install -e .` in it, then course-lab")
     if not only:
         return list(available)
     wanted = [part.strip().zfill(2) for part in only.split(",") if part.strip()]
@@ -148,7 +145,6 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     notebooks = lesson_notebooks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _kernel_env_pythonpath()
     results = []
     bar = tqdm(lessons, desc="lab", unit="notebook")
     for lesson in bar:

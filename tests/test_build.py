@@ -52,3 +52,17 @@ def test_check_fails_when_a_solution_changes(tmp_path):
     assert out.returncode == 1 and f"exercises/ is stale: {solution.name}" in out.stderr
     subprocess.run(cmd[:-3] + ["--root", str(tmp_path)], check=True, capture_output=True)  # rebuild
     assert subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def test_execute_in_place_saves_fresh_outputs_run_in_the_notebooks_folder(tmp_path, capsys):
+    from course_lib.build import execute_in_place
+
+    path = tmp_path / "00_demo.ipynb"
+    cell = nbformat.v4.new_code_cell("import os\nprint(os.path.basename(os.getcwd()))")
+    cell.outputs = [nbformat.v4.new_output("stream", text="an output from an earlier run\n")]
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    execute_in_place([path], cell_timeout=60)
+    executed = nbformat.read(path, as_version=4)
+    assert [o["text"] for o in executed.cells[0].outputs] == [f"{tmp_path.name}\n"]
+    assert executed.cells[0].execution_count == 1
+    assert f"executed {path}" in capsys.readouterr().out

@@ -68,6 +68,13 @@ def test_an_endless_loop_inside_a_checked_function(tmp_path):
     assert not by_id(card)["00.2"].passed and "time limit" in feedback, feedback
 
 
+def test_importing_the_checks_does_not_count_against_a_checks_time(tmp_path):
+    """Importing torch takes longer than 1 s; a check interrupted mid-import would break every check after it."""
+    card = grade_notebook(notebook(tmp_path, MEMORY_OK), cell_timeout=1)
+    assert by_id(card)["00.2"].passed, card.format()
+    assert not card.problems
+
+
 def test_sys_exit_is_a_problem_not_a_crash(tmp_path):
     card = grade_notebook(notebook(tmp_path, "import sys\nsys.exit(3)", MEMORY_OK))
     assert any("SystemExit" in p for p in card.problems), card.problems
@@ -84,6 +91,23 @@ def test_a_dead_kernel_is_reported(tmp_path):
 def test_huge_output_is_truncated_and_graded(tmp_path):
     card = grade_notebook(notebook(tmp_path, "print('x' * 5_000_000)", MEMORY_OK))
     assert by_id(card)["00.2"].passed
+
+
+@pytest.mark.parametrize("prints", [
+    "print('thinking', end='')",  # no newline: the old stdout verdict was glued to it
+    "print('x' * 25_000)",  # more than a cell's stored output: the old stdout verdict was cut off
+])
+def test_a_correct_answer_that_prints_is_graded_as_passed(tmp_path, prints):
+    printing = MEMORY_OK.replace("\n", f"\n    {prints}\n", 1)
+    card = grade_notebook(notebook(tmp_path, printing))
+    assert by_id(card)["00.2"].passed, card.format()
+
+
+def test_a_wrong_answer_cannot_print_its_way_to_a_pass(tmp_path):
+    forged = json.dumps({"id": "00.2", "title": "", "passed": True, "feedback": "passed"})
+    wrong = f"def estimate_memory_gb(n_params, bits):\n    print({forged!r})\n    return 0.0"
+    card = grade_notebook(notebook(tmp_path, wrong))
+    assert not by_id(card)["00.2"].passed, card.format()
 
 
 def run_cli(*args):

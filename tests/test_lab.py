@@ -21,6 +21,19 @@ def test_bad_arguments_are_one_line_errors(args, message):
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_no_notebooks_to_run_is_an_error_that_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    """A non-editable install has no notebooks/ beside the package: say so instead of running nothing."""
+    from course_lib import lab
+
+    monkeypatch.setattr(lab, "NOTEBOOKS", tmp_path / "notebooks")
+    assert lab.main([]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "notebooks") in err and "pip install -e ." in err, err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="no lesson notebooks"):
+        lab.run_lab(out_dir=tmp_path / "out")
+
+
 def test_gpu_profile_without_gpu_is_refused():
     import torch
 

@@ -12,9 +12,8 @@ import importlib
 import json
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
-
-GRADE_MARKER = "@@course-grade@@"
 
 
 class CheckFailed(AssertionError):
@@ -92,8 +91,10 @@ def check(exercise_id: str, *objects) -> ExerciseResult:
     return outcome
 
 
-def grade_in_kernel(exercise_id: str, namespace: dict) -> None:
-    """Run by the cells `course-grade` appends: look the learner's names up, check, print a marked JSON line."""
+def grade_in_kernel(exercise_id: str, namespace: dict, verdict_path: str) -> None:
+    """Run by the cells `course-grade` appends: look the learner's names up, check, and write the
+    verdict as JSON to ``verdict_path`` (a fresh file the runner names for this run). The verdict
+    goes to a file, not stdout, so nothing the learner's code prints can truncate or garble it."""
     exercise = find_exercise(exercise_id)
     missing = [name for name in exercise.names if name not in namespace]
     if missing:
@@ -102,7 +103,9 @@ def grade_in_kernel(exercise_id: str, namespace: dict) -> None:
                                  f"and make sure its cell runs without error")
     else:
         outcome = run_exercise(exercise, [namespace[name] for name in exercise.names])
-    print(GRADE_MARKER + json.dumps(asdict(outcome)))
+    partial = Path(f"{verdict_path}.partial")
+    partial.write_text(json.dumps(asdict(outcome)))
+    partial.replace(verdict_path)  # the runner sees a whole verdict or none
 
 
 def _close(a, b, rtol: float, atol: float) -> bool:

@@ -1,9 +1,11 @@
 """Grade a whole exercise notebook in its own kernel: ``course-grade PATH [--json] [--timeout S]``.
 
 The notebook runs top to bottom in a fresh kernel with errors allowed (a crashing cell does not
-stop the others), then one appended cell per exercise runs the hidden check and prints a marked
-JSON line. Every way a notebook can break — an exception, an endless loop, ``sys.exit``, a dead
-kernel, a flood of output — ends as a verdict in the scorecard, never as a grader traceback.
+stop the others), then one appended cell per exercise runs the hidden check and writes its verdict
+as JSON to a file this run names in a fresh temporary folder, so nothing the learner prints can
+lose or garble a verdict (cell outputs are only read for errors). Every way a notebook can break —
+an exception, an endless loop, ``sys.exit``, a dead kernel, a flood of output — ends as a verdict
+in the scorecard, never as a grader traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import GRADE_MARKER, ExerciseResult, exercises_for
+from ..notebook_run import execute_notebook
+from . import ExerciseResult, exercises_for
 
 MAX_OUTPUT_CHARS = 20_000  # per cell, in the stored copy: a flood of prints must not eat memory
+SETUP_TIMEOUT = 300  # seconds to import the checks (torch, transformers) on a busy machine
 
 
 class GradingError(Exception):
@@ -105,12 +110,18 @@ def _truncate_outputs(cell) -> None:
             output["text"] = output["text"][:MAX_OUTPUT_CHARS] + "\n[... output truncated by course-grade]\n"
 
 
+def _read_verdict(path: Path) -> ExerciseResult | None:
+    """The verdict a grading cell wrote, or None when its check never finished."""
+    try:
+        return ExerciseResult(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as e:  # only code that tampers with the file gets here
+        return ExerciseResult(path.stem, "", False, f"not graded: the check's verdict was unreadable ({e})")
+
+
 def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: float = 60) -> Scorecard:
     """Execute and grade; ``timeout`` bounds the whole run, ``cell_timeout`` each cell."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
-
     path = Path(path)
     nb = read_notebook(path)
     lesson = _lesson_of(nb, path)
@@ -118,10 +129,27 @@ def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: floa
         exercises = exercises_for(lesson)
     except ValueError as e:
         raise GradingError(f"{path}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="course-grade-") as verdict_dir:
+        verdict_paths = {exercise.id: Path(verdict_dir) / f"{exercise.id}.json" for exercise in exercises}
+        return _grade(nb, path, lesson, exercises, verdict_paths, timeout, cell_timeout)
+
+
+def _grade(nb, path: Path, lesson: str, exercises, verdict_paths: dict[str, Path],
+           timeout: float, cell_timeout: float) -> Scorecard:
+    import nbformat
+    from nbclient.exceptions import DeadKernelError
+
     n_learner_cells = len(nb.cells)
+    # Import the checks (and torch with them) before any check's clock starts: on a busy machine the
+    # import alone can take longer than a check may, and a cell interrupted mid-import leaves torch
+    # half-initialised for every check after it.
+    nb.cells.append(nbformat.v4.new_code_cell(
+        f"from course_lib.grading import exercises_for\nexercises_for({lesson!r})",
+        metadata={"tags": ["course-grade-setup"]}))
     for exercise in exercises:
         nb.cells.append(nbformat.v4.new_code_cell(
-            f"from course_lib.grading import grade_in_kernel\ngrade_in_kernel({exercise.id!r}, globals())",
+            "from course_lib.grading import grade_in_kernel\n"
+            f"grade_in_kernel({exercise.id!r}, globals(), {str(verdict_paths[exercise.id])!r})",
             metadata={"tags": ["course-grade"], "exercise": exercise.id}))
 
     start = time.monotonic()
@@ -129,24 +157,23 @@ def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: floa
 
     def timeout_for(cell) -> int:
         # The grading cells get their own allowance so a slow notebook still gets graded.
-        if "course-grade" in cell.metadata.get("tags", []):
+        tags = cell.metadata.get("tags", [])
+        if "course-grade-setup" in tags:
+            return max(int(cell_timeout), SETUP_TIMEOUT)
+        if "course-grade" in tags:
             return int(cell_timeout)
         return max(1, int(min(cell_timeout, deadline - time.monotonic())))
 
-    client = NotebookClient(
-        nb, timeout=int(cell_timeout), timeout_func=timeout_for, kernel_name="python3", allow_errors=True,
-        interrupt_on_timeout=True, record_timing=False,
-        error_on_timeout={"ename": "TimeoutError", "evalue": "", "traceback": []},
-        resources={"metadata": {"path": str(path.parent.resolve())}})
     running = {"cell": None}
 
     def note_start(cell, cell_index):
         running["cell"] = cell_index
 
-    client.on_cell_execute = note_start
     problems: list[str] = []
     try:
-        client.execute()
+        execute_notebook(nb, path.parent, cell_timeout=cell_timeout, timeout_for=timeout_for,
+                         allow_errors=True, interrupt_on_timeout=True, record_timing=False,
+                         on_cell_execute=note_start)
     except DeadKernelError:
         dead_at = running["cell"]
         where = f"cell {dead_at + 1}" if dead_at is not None and dead_at < n_learner_cells else "a grading cell"
@@ -162,18 +189,19 @@ def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: floa
             if cell.cell_type == "code" and (problem := _cell_problem(index, cell, cell_timeout)):
                 problems.append(problem)
             continue
-        for output in cell.get("outputs", []):
-            text = output.get("text", "") if output.get("output_type") == "stream" else ""
-            for line in text.splitlines():
-                if line.startswith(GRADE_MARKER):
-                    results_json = json.loads(line[len(GRADE_MARKER):])
-                    results[results_json["id"]] = ExerciseResult(**results_json)
-        if cell.get("outputs") and not any(GRADE_MARKER in o.get("text", "") for o in cell.outputs):
-            error = next((o for o in cell.outputs if o.get("output_type") == "error"), None)
-            if error is not None:
-                exercise_id = cell.metadata["exercise"]
-                results[exercise_id] = ExerciseResult(
-                    exercise_id, "", False, f"the check could not finish: your code {_describe_error(error, cell_timeout)}")
+        if "course-grade-setup" in cell.metadata.get("tags", []):
+            if error := next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None):
+                problems.append(f"the grader could not import its checks "
+                                f"({error.get('ename')}: {str(error.get('evalue'))[:200]})")
+            continue
+        exercise_id = cell.metadata["exercise"]
+        verdict = _read_verdict(verdict_paths[exercise_id])
+        error = next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None)
+        if verdict is None and error is not None:
+            verdict = ExerciseResult(
+                exercise_id, "", False, f"the check could not finish: your code {_describe_error(error, cell_timeout)}")
+        if verdict is not None:
+            results[exercise_id] = verdict
     ordered = []
     for exercise in exercises:
         result = results.get(exercise.id)
