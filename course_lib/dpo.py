@@ -164,7 +164,12 @@ def collate_pairs(pairs: list[tuple[dict, dict]], pad_id: int) -> dict[str, torc
     batch = pad_right([(e["input_ids"], e["labels"]) for e in examples], pad_id)
     labels = batch.pop("labels")  # (2B, T)
     batch["completion_mask"] = (labels != -100).long()  # (2B, T)
+    batch["row_blocks"] = 2  # rows i and B + i are one pair: under DDP they stay on one process (training._split_rows)
     return batch
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def tokenize_preference_rows(rows: list[dict], tokenizer, max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -273,7 +278,7 @@ def precompute_reference_logprobs(model: nn.Module, rows: list[dict], tokenizer,
     pairs = _tokenize_row_pairs(rows, tokenizer, max_length)
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad).items()}
+        batch = {k: _to(v, device) for k, v in collate_pairs(pairs[start:start + batch_size], pad).items()}
         chosen, rejected = reference_logprobs(model, batch, reference).chunk(2)  # (B,) each
         for row, c, r in zip(rows[start:start + batch_size], chosen.tolist(), rejected.tolist()):
             out.append({**row, "ref_chosen_logps": c, "ref_rejected_logps": r})
@@ -343,7 +348,7 @@ def preference_metrics(model: nn.Module, tokenizer, rows: list[dict], *, beta: f
     chosen, rejected = [], []
     try:
         for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size],
+            batch = {k: _to(v, device) for k, v in collate_pairs(pairs[start:start + batch_size],
                                                                tokenizer.pad_token_id).items()}
             policy_c, policy_r = sequence_logprobs(model, batch).chunk(2)
             ref_c, ref_r = reference_logprobs(model, batch, reference).chunk(2)

@@ -169,12 +169,18 @@ def _as_loss_sum(out) -> LossSum | None:
 
 
 def _split_rows(batch: dict, rank: int, world: int) -> dict:
-    """This process's share of the batch's rows: the ``rank``-th of ``world`` near-equal chunks."""
+    """This process's share of the batch's rows: the ``rank``-th of ``world`` near-equal chunks.
+
+    A batch whose rows are ``k`` stacked blocks that belong together row by row — DPO's B chosen then
+    B rejected sequences — says so with ``batch["row_blocks"] = k``: a tensor of k·b rows is split
+    within each block (pair i stays on one process), a tensor of b rows (per-pair values) as usual."""
+    blocks = batch.get("row_blocks", 1)
     rows = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0}
-    if len(rows) != 1:
-        raise ValueError(f"split_batches needs every tensor of a batch to have the same number of rows; got "
+    n = max(rows) // blocks if rows else 0
+    if not rows or max(rows) % blocks or not rows <= {n, n * blocks}:
+        raise ValueError(f"split_batches needs every tensor of a batch to have the same number of rows (or, with "
+                         f"row_blocks={blocks}, {blocks}× a common number); got "
                          f"{ {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)} }")
-    (n,) = rows
     if n < world:
         raise ValueError(f"a batch of {n} rows cannot be split across {world} processes: use batches of at least "
                          f"{world} rows, or TrainConfig(split_batches=False) and give each process its own data")
@@ -183,8 +189,14 @@ def _split_rows(batch: dict, rank: int, world: int) -> dict:
     if other:
         raise ValueError(f"split_batches can split a batch's tensors, not {other}: use TrainConfig(split_batches=False) "
                          f"and give each process its own data")
-    return {k: (v.tensor_split(world)[rank] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
-            for k, v in batch.items()}
+
+    def share(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] == n:
+            return v.tensor_split(world)[rank]
+        stacked = v.reshape(blocks, n, *v.shape[1:]).tensor_split(world, dim=1)[rank]  # (k, b_rank, ...)
+        return stacked.reshape(-1, *v.shape[1:])
+
+    return {k: (share(v) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
 
 
 def train(

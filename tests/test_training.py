@@ -245,3 +245,20 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_whole_batc
             torch.testing.assert_close(run[name], value, rtol=1e-5, atol=1e-6, msg=name)
     for run in runs:
         assert run["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+
+
+def test_split_rows_keeps_stacked_pairs_together():
+    """DPO stacks B chosen rows then B rejected rows; under DDP pair i must stay on one process."""
+    from course_lib.training import _split_rows
+
+    ids = torch.arange(8).unsqueeze(1)  # rows 0-3 chosen, 4-7 rejected: pair i = rows (i, 4 + i)
+    ref = torch.tensor([10.0, 11.0, 12.0, 13.0])  # one value per pair
+    batch = {"input_ids": ids, "ref_chosen_logps": ref, "row_blocks": 2}
+    shares = [_split_rows(batch, rank, 2) for rank in (0, 1)]
+    assert shares[0]["input_ids"].flatten().tolist() == [0, 1, 4, 5]
+    assert shares[1]["input_ids"].flatten().tolist() == [2, 3, 6, 7]
+    assert shares[1]["ref_chosen_logps"].tolist() == [12.0, 13.0]
+    plain = _split_rows({"input_ids": ids}, 0, 2)  # without the marker: plain halves
+    assert plain["input_ids"].flatten().tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="row_blocks=2"):
+        _split_rows({"input_ids": ids, "x": torch.zeros(3), "row_blocks": 2}, 0, 2)
