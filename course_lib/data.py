@@ -380,27 +380,31 @@ def _preference_rows_cached(task: str, split: Split, n: int, seed: int) -> tuple
 
 
 def check_preference_rows(rows) -> None:
-    """Every row must be TRL's explicit-prompt preference format: plain-text fields, two non-empty,
+    """Every row must be TRL's explicit-prompt preference format with plain-text fields, two non-empty,
     different completions. Errors name the row and the fix."""
     if len(rows) == 0:
         raise ValueError("no preference rows: a preference dataset needs rows {'prompt', 'chosen', 'rejected'}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"row {i}: a preference row is a dict {{'prompt', 'chosen', 'rejected'}}, "
-                             f"got {type(row).__name__}")
+            raise ValueError(f"row {i}: a preference row is a dict {{'prompt', 'chosen', 'rejected'}}, got "
+                             f"{type(row).__name__}")
         missing = [f for f in PREFERENCE_FIELDS if row.get(f) is None]
         if missing:
+            hint = (" (implicit-prompt rows: move the text chosen and rejected share into 'prompt')"
+                    if "prompt" in missing else "")
             raise ValueError(f"row {i}: missing field(s) {missing}; preference rows need {list(PREFERENCE_FIELDS)}, "
-                             f"this one has {sorted(row)}")
+                             f"this one has {sorted(row)}{hint}")
         for f in PREFERENCE_FIELDS:
             if not isinstance(row[f], str):
                 raise ValueError(f"row {i}: {f!r} must be a string, got {type(row[f]).__name__} (conversational "
                                  f"rows: render them to text with tokenizer.apply_chat_template first)")
-        if not row["chosen"].strip() or not row["rejected"].strip():
-            raise ValueError(f"row {i}: an empty completion; a pair needs two completions to compare")
+        for f in ("chosen", "rejected"):
+            if not row[f].strip():
+                raise ValueError(f"row {i}: empty {f!r} completion: a pair needs two completions to compare; "
+                                 f"drop or fill the row")
         if row["chosen"] == row["rejected"]:
-            raise ValueError(f"row {i}: chosen and rejected are identical, so the pair expresses no preference; "
-                             f"drop the row")
+            raise ValueError(f"row {i}: chosen and rejected are identical, so the pair expresses no preference "
+                             f"(its margin is 0 under every model); drop the row")
 
 
 def load_preferences(path: str | Path) -> list[dict]:

@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import check_preference_rows
 from .rl import token_logprobs
 from .templates import pad_right, tokenize_prompt_and_completion, unpad
 from .training import History, TrainConfig, train
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")  # TRL's names
 
@@ -115,34 +115,6 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
 # ------------------------------------------------------------------------------------------------
 # Data: {"prompt", "chosen", "rejected"} → one concatenated batch
 # ------------------------------------------------------------------------------------------------
-def check_preference_rows(rows: list[dict]) -> None:
-    """Every row must be TRL's explicit-prompt preference format with plain-text fields, two non-empty,
-    different completions. Errors name the row and the fix."""
-    if not rows:
-        raise ValueError("no preference rows: DPO needs rows {'prompt', 'chosen', 'rejected'}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"row {i}: a preference row is a dict {{'prompt', 'chosen', 'rejected'}}, got "
-                             f"{type(row).__name__}")
-        missing = [f for f in PREFERENCE_FIELDS if row.get(f) is None]
-        if missing:
-            hint = (" (implicit-prompt rows: move the text chosen and rejected share into 'prompt')"
-                    if "prompt" in missing else "")
-            raise ValueError(f"row {i}: missing field(s) {missing}; preference rows need {list(PREFERENCE_FIELDS)}, "
-                             f"this one has {sorted(row)}{hint}")
-        for f in PREFERENCE_FIELDS:
-            if not isinstance(row[f], str):
-                raise ValueError(f"row {i}: {f!r} must be a string, got {type(row[f]).__name__} (conversational "
-                                 f"rows: render them to text with tokenizer.apply_chat_template first)")
-        for f in ("chosen", "rejected"):
-            if not row[f].strip():
-                raise ValueError(f"row {i}: empty {f!r} completion: a pair needs two completions to compare; "
-                                 f"drop or fill the row")
-        if row["chosen"] == row["rejected"]:
-            raise ValueError(f"row {i}: chosen and rejected are identical, so the pair expresses no preference "
-                             f"(its margin is 0 under every model); drop the row")
-
-
 def _tokenize_row_pairs(rows: list[dict], tokenizer, max_length: int | None) -> list[tuple[dict, dict]]:
     """Per row, the chosen and the rejected example ({"input_ids", "labels"}, labels −100 on the prompt),
     an eos closing each completion (as TRL adds it)."""
