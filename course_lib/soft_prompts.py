@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .adapters import read_peft_adapter, write_peft_adapter
+from .adapters import read_peft_adapter, refuse_unknown_keys, refuse_unsupported, write_peft_adapter
 
 Method = Literal["prompt", "p-tuning", "prefix"]
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
@@ -310,6 +310,15 @@ def save_adapter(model: SoftPromptModel, directory: str | Path, name: str | None
     return write_peft_adapter(directory, model, _peft_config(model.prompt_config[name]), {"prompt_embeddings": tokens})
 
 
+# The prompt-learning config fields course_lib reads or can ignore (None: any value; the saved tensor is
+# the encoder's output, so encoder settings do not matter), and what it refuses unless off.
+SUPPORTED_CONFIG = {key: None for key in (
+    "num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size", "encoder_dropout",
+    "encoder_num_layers", "encoder_reparameterization_type", "init_weights", "prefix_projection", "prompt_tuning_init",
+    "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")}
+SUPPORTED_CONFIG.update(num_transformer_submodules=1, modules_to_save=False)
+
+
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> SoftPromptModel:
     """Add the soft prompt saved in ``directory`` (by course_lib or peft) to ``model``; returns the wrapper.
 
@@ -317,6 +326,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     plain virtual tokens — the same logits, fewer parameters (peft does the same in inference mode)."""
     methods = {v: k for k, v in PEFT_TYPES.items()}
     saved, tensors = read_peft_adapter(directory, methods)
+    refuse_unsupported(saved, SUPPORTED_CONFIG, directory, saved["peft_type"])
+    refuse_unknown_keys(tensors, "prompt_embeddings", directory, saved["peft_type"])
     tokens = tensors["prompt_embeddings"]  # (NV, D)
     method = methods[saved["peft_type"]]
     wrapper = add_soft_prompt(model, method, saved["num_virtual_tokens"], name=name)

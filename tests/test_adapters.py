@@ -301,3 +301,19 @@ def test_ia3_on_a_bf16_base_equals_peft():
                 assert target.ia3_l["default"].dtype == p.dtype  # float32 vectors on a bf16 base, as peft
                 target.ia3_l["default"].copy_(p)
         torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=0, atol=0)
+
+
+def test_soft_prompt_files_for_two_submodules_are_refused(tmp_path):
+    """A prompt saved for an encoder-decoder (num_transformer_submodules=2) would load as half its tensor."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from course_lib.soft_prompts import load_adapter
+
+    torch.manual_seed(0)
+    get_peft_model(tiny_llama(seed=0), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    load_adapter(tiny_llama(seed=0), tmp_path)  # peft's own file loads
+    config["num_transformer_submodules"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="num_transformer_submodules=2"):
+        load_adapter(tiny_llama(seed=0), tmp_path)

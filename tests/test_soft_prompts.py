@@ -194,3 +194,21 @@ def test_course_measurements_score_the_text_not_the_virtual_positions(embedded):
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected = (logp * (batch["labels"][:, 1:] != -100)).sum(-1)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_base_equals_peft(case):
+    """On a bf16 model the virtual tokens and the prefix cache must reach the layers in the model's dtype,
+    as peft sends them: logits equal bit for bit."""
+    method, kwargs, config = CASES[case]
+    torch.manual_seed(1)
+    theirs = get_peft_model(tiny_llama().to(torch.bfloat16), config)
+    torch.manual_seed(1)
+    ours = add_soft_prompt(tiny_llama().to(torch.bfloat16), method, NV, **kwargs)
+    ours.prompts["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        b = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    assert a.logits.dtype == b.logits.dtype
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
