@@ -7,9 +7,9 @@ import pytest
 
 from course_lib.grading import check, exercises_for, find_exercise, run_exercise
 
-from . import mistakes_lesson_00, mistakes_lesson_01, mistakes_lesson_02, mistakes_lesson_03, mistakes_lesson_04, mistakes_lesson_05, mistakes_lesson_07, mistakes_lesson_08
+from . import mistakes_lesson_00, mistakes_lesson_01, mistakes_lesson_02, mistakes_lesson_03, mistakes_lesson_04, mistakes_lesson_05, mistakes_lesson_06, mistakes_lesson_07, mistakes_lesson_08
 
-LESSONS = {"00": mistakes_lesson_00, "01": mistakes_lesson_01, "02": mistakes_lesson_02, "03": mistakes_lesson_03, "04": mistakes_lesson_04, "05": mistakes_lesson_05, "07": mistakes_lesson_07, "08": mistakes_lesson_08}
+LESSONS = {"00": mistakes_lesson_00, "01": mistakes_lesson_01, "02": mistakes_lesson_02, "03": mistakes_lesson_03, "04": mistakes_lesson_04, "05": mistakes_lesson_05, "06": mistakes_lesson_06, "07": mistakes_lesson_07, "08": mistakes_lesson_08}
 RIGHT = {k: v for m in LESSONS.values() for k, v in m.RIGHT.items()}
 CATALOGUE = [row for m in LESSONS.values() for row in m.CATALOGUE]
 not_implemented, crashes = mistakes_lesson_00.not_implemented, mistakes_lesson_00.crashes
