@@ -12,6 +12,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -156,6 +157,18 @@ def bench_lora(args: argparse.Namespace) -> dict:
 BENCHMARKS["lora"] = bench_lora
 
 
+def trainer_steps(trainer, batches: list[dict]) -> None:
+    """A transformers/TRL trainer's steady-state steps: its own ``training_step`` (loss, backward) and its
+    optimizer and scheduler, without ``trainer.train()``'s set-up and logging — what a step costs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in batches:
+            trainer.training_step(trainer.model, batch)
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+
 def bench_sft(args: argparse.Namespace) -> dict:
     """An SFT step: course_lib's loop vs TRL's ``SFTTrainer`` on the same model, rows and batches.
 
@@ -166,7 +179,6 @@ def bench_sft(args: argparse.Namespace) -> dict:
     TRL's time). TRL's defaults stay on: gradient checkpointing, padding to the longest row, and its
     per-step metrics (token accuracy, entropy); course_lib packs the same examples without padding."""
     import tempfile
-    import warnings
 
     from datasets import Dataset
     from peft import LoraConfig
@@ -206,13 +218,7 @@ def bench_sft(args: argparse.Namespace) -> dict:
         train(ours, batches, config, loss_fn=sft_loss, device=device)
 
     def run_theirs():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for batch in their_batches:
-                trainer.training_step(trainer.model, batch)
-                trainer.optimizer.step()
-                trainer.lr_scheduler.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
+        trainer_steps(trainer, their_batches)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)

@@ -39,7 +39,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .bench import alternate
+    from .bench import alternate, trainer_steps
     from .dpo import DPOLoss, dpo_batches
     from .lora import add_lora
     from .memory import measure_peak_memory, tensor_bytes
@@ -74,13 +74,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
         train(ours, batches, config, loss_fn=DPOLoss(beta), device=device)
 
     def run_theirs():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for batch in their_batches:
-                trainer.training_step(trainer.model, batch)
-                trainer.optimizer.step()
-                trainer.lr_scheduler.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
+        trainer_steps(trainer, their_batches)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)

@@ -94,9 +94,20 @@ def test_untagged_notebook_is_a_clear_error(tmp_path):
 
 def test_bench_cli_lists_benchmarks_and_rejects_unknown_names():
     out = subprocess.run(["course-bench"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "benchmarks: lora, sft, nf4, qlora" in out.stdout
-    out = subprocess.run(["course-bench", "dpo"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "no benchmark 'dpo'" in out.stderr and "available: lora, sft, nf4, qlora" in out.stderr
+    assert out.returncode == 0 and "benchmarks: lora, sft, nf4, qlora, dpo" in out.stdout
+    out = subprocess.run(["course-bench", "dpo2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no benchmark 'dpo2'" in out.stderr and "available: lora, sft, nf4, qlora, dpo" in out.stderr
+
+
+@pytest.mark.slow
+def test_dpo_benchmark_runs_on_cpu():
+    """One tiny round of `course-bench dpo`: course_lib's step and TRL's DPOTrainer step on the same pairs."""
+    import argparse
+
+    from course_lib.bench import bench_dpo
+
+    result = bench_dpo(argparse.Namespace(repeats=1, steps=1))
+    assert result["step_ratio"] > 0
 
 
 def test_qlora_benchmark_runs_on_cpu_and_reports_every_variant(capsys):
