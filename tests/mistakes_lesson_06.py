@@ -1,4 +1,5 @@
-"""Lesson 06 (RLHF: reward model, PPO): right answers, and plausible wrong answers with the phrase the feedback must contain."""
+"""Lesson 06 (RLHF: reward model, PPO): right answers, and plausible wrong answers with the phrase the feedback
+must contain."""
 
 import torch
 import torch.nn.functional as F

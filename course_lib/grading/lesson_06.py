@@ -13,6 +13,8 @@ from . import CheckFailed, Exercise, expect
 def _tensor(got, what: str, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(got, torch.Tensor):
         raise CheckFailed(f"{what}: return a tensor, got {type(got).__name__}")
+    if shape == () and got.numel() == 1:
+        return got.detach().reshape(())  # a (1,) scalar is fine too
     if tuple(got.shape) != shape:
         raise CheckFailed(f"{what}: expected shape {shape}, got {tuple(got.shape)}")
     return got.detach()
@@ -97,7 +99,8 @@ def check_sequence_scores(sequence_scores) -> str:
             "last real token": values[:, -1],
             "mask.sum() − 1 is the last real token only under right padding; with left padding it lands inside "
             "the text: take the position of the last 1 in the attention mask": values[rows, mask.sum(1) - 1],
-            "read at a pad position: one past the last real token": values[rows, (mask.sum(1)).clamp(max=ids.shape[1] - 1)],
+            "read at a pad position: one past the last real token":
+                values[rows, mask.sum(1).clamp(max=ids.shape[1] - 1)],
             "the pad id is also the eos id here, so input_ids != pad_token_id hides the eos, the token that closes "
             "the text: find the last real token from the attention mask": values[rows, not_pad.argmax(1)],
             "the score is read at the LAST real token (the one that has seen the whole text), not the first":
@@ -279,8 +282,8 @@ def check_policy_loss(policy_loss) -> str:
 
         right = torch.max(-A * ratio, -A * clipped)
         inverted = 1 / ratio
-        expect(got_value, reference(logp, old_logp, advantages, mask, cliprange)[0], what=f"loss (cliprange {cliprange})",
-               rtol=1e-5, atol=1e-6, mistakes={
+        want = reference(logp, old_logp, advantages, mask, cliprange)[0]
+        expect(got_value, want, what=f"loss (cliprange {cliprange})", rtol=1e-5, atol=1e-6, mistakes={
                    "the ratio is inverted: ρ = π_new/π_old = exp(logp − old_logp)":
                        token_mean(torch.max(-A * inverted, -A * inverted.clamp(1 - cliprange, 1 + cliprange))),
                    "the clip applied to the advantage: clip the probability RATIO to [1 − ε, 1 + ε], the advantage "
@@ -337,7 +340,8 @@ def check_value_loss(value_loss) -> str:
                        torch.max(plain, ((values - old_values).clamp(-eps, eps) - returns) ** 2)),
                    "only the clipped error: take the max of the clipped and the unclipped errors":
                        0.5 * token_mean(clipped_loss),
-                   "averaging over padding: mean over the real tokens only": 0.5 * torch.max(plain, clipped_loss).mean(),
+                   "averaging over padding: mean over the real tokens only":
+                       0.5 * torch.max(plain, clipped_loss).mean(),
                })
     return "½·masked mean of max((V − R)², (clip(V, V_old ± ε) − R)²)"
 

@@ -96,7 +96,8 @@ def check_dpo_sigmoid_loss(dpo_sigmoid_loss) -> str:
         losses = _tensor(losses, "losses", (5,), unit="pair")
         want, want_chosen, want_rejected = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid")
         if not torch.isfinite(losses).all():
-            raise CheckFailed(f"a loss is {losses.detach()[~torch.isfinite(losses.detach())][0].item()} where the pair's "
+            bad = losses.detach()[~torch.isfinite(losses.detach())][0].item()
+            raise CheckFailed(f"a loss is {bad} where the pair's "
                               f"margin is large: log(sigmoid(x)) underflows to log 0; −log σ(x) is "
                               f"-F.logsigmoid(x), which stays finite")
         d = (pc - rc) - (pr - rr)
@@ -119,12 +120,13 @@ def check_dpo_sigmoid_loss(dpo_sigmoid_loss) -> str:
                 raise CheckFailed(f"{name} carry a gradient: the implicit rewards are metrics to log, detach them")
             expect(got, right, what=name, rtol=1e-5, atol=1e-5, mistakes={
                 "the implicit reward is β times the log-ratio (eq. 5 without the β·log Z that cancels)": logratio,
-                "the implicit reward is β·log(π/π_ref): the reference is missing": beta * (pc if name == "chosen_rewards" else pr),
+                "the implicit reward is β·log(π/π_ref): the reference is missing":
+                    beta * (pc if name == "chosen_rewards" else pr),
             })
         losses.sum().backward()
         if ref_chosen.grad is not None or ref_rejected.grad is not None:
-            raise CheckFailed("the reference not detached: a gradient reached ref_chosen/ref_rejected. The reference is "
-                              "frozen; detach its log-probs, so no caller's graph can train it")
+            raise CheckFailed("the reference not detached: a gradient reached ref_chosen/ref_rejected. The reference "
+                              "is frozen; detach its log-probs, so no caller's graph can train it")
         if policy_chosen.grad is None or policy_rejected.grad is None:
             raise CheckFailed("no gradient reached the policy's log-probs: compute the loss from them with torch "
                               "operations (no .item(), no .detach() on the policy)")

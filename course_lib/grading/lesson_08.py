@@ -46,13 +46,15 @@ def check_group_advantages(group_advantages) -> str:
                    "population std (n): GRPO, like TRL and torch.std, divides by the unbiased (n − 1) std of the group":
                        centred / (grouped.std(1, unbiased=False, keepdim=True).expand_as(grouped).flatten() + EPS),
                    "normalised across the batch: the baseline and the std must be each prompt's own group's "
-                   "(mean and std over the G completions of one prompt)": (rewards - rewards.mean()) / (rewards.std() + EPS),
+                   "(mean and std over the G completions of one prompt)":
+                       (rewards - rewards.mean()) / (rewards.std() + EPS),
                    "the std is the whole batch's: divide by each group's own std (scale='group')":
                        centred / (rewards.std() + EPS),
                    "not divided by the group's std: (r − mean) is Dr. GRPO's advantage; GRPO also scales by the std":
                        centred,
                    "the mean is not subtracted: the group mean is the baseline, so the advantage says better or worse "
-                   "than the other answers": grouped.flatten() / (grouped.std(1, keepdim=True).expand_as(grouped).flatten() + EPS),
+                   "than the other answers":
+                       grouped.flatten() / (grouped.std(1, keepdim=True).expand_as(grouped).flatten() + EPS),
                    "groups taken the wrong way: the G completions of one prompt are adjacent rows "
                    "(view(-1, G)), not every G-th row": interleaved,
                })
@@ -90,7 +92,8 @@ def check_clipped_objective(clipped_objective) -> str:
         right = -torch.min(ratio * A, clipped * A)
         inverted = 1 / ratio
         mistakes = {
-            "the clip went on the advantage: clip the probability RATIO to [1 − ε, 1 + ε], the advantage stays as it is":
+            "the clip went on the advantage: clip the probability RATIO to [1 − ε, 1 + ε], the advantage stays "
+            "as it is":
                 seq_mean(-torch.min(ratio * A, ratio * A.clamp(1 - epsilon, 1 + epsilon))),
             "the product ratio·advantage was clipped: clip the RATIO, then multiply by the advantage":
                 seq_mean(-torch.min(ratio * A, (ratio * A).clamp(1 - epsilon, 1 + epsilon))),
@@ -113,7 +116,8 @@ def check_clipped_objective(clipped_objective) -> str:
         want = grpo_loss(logp, old_logp, advantages, mask, epsilon=epsilon, loss_type="grpo")
         if not isinstance(got, torch.Tensor) or got.numel() != 1:
             raise CheckFailed(f"return the loss as one scalar tensor, got {_describe(got)}")
-        expect(got.detach(), want, what=f"loss with epsilon={epsilon}", mistakes=mistakes, rtol=1e-5, atol=1e-6)
+        expect(got.detach().reshape(()), want, what=f"loss with epsilon={epsilon}", mistakes=mistakes,
+               rtol=1e-5, atol=1e-6)
         if not got.requires_grad:
             raise CheckFailed("the loss carries no gradient to logp: compute the ratio from logp with torch "
                               "operations (no .item(), no .detach() on logp)")
@@ -187,7 +191,8 @@ def check_correctness_reward(correctness_reward) -> str:
         "the answer is the FIRST number of the completion; the model often goes on with a new question, whose "
         "numbers are not its answer": [float(last_number(c) == ans) for c, ans in zip(completions, answers)],
         "text after the number (a new 'Q: …') must not cost the correctness reward — that is the format "
-        "reward's job: compare the leading number only": [float(c.strip() == str(ans)) for c, ans in zip(completions, answers)],
+        "reward's job: compare the leading number only":
+            [float(c.strip() == str(ans)) for c, ans in zip(completions, answers)],
         "every reward is 0: the answer column holds integers, so compare numbers with numbers (int(...))":
             [0.0] * len(completions),
     })
