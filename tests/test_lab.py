@@ -12,7 +12,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "99"], "there is no lesson 99"),
-    (["--only", "07"], "lesson 07 (Direct preference optimization (DPO)) is planned"),
+    (["--only", "09"], "lesson 09 (Capstone: choosing and combining techniques) is planned"),
     (["--model", "./no/such/model"], "no such folder"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
