@@ -31,7 +31,6 @@ What this module holds, each checked against TRL 1.16's ``DPOTrainer`` in tests/
 from __future__ import annotations
 
 import contextlib
-import random
 from typing import Callable
 
 import torch
@@ -41,7 +40,7 @@ from torch import nn
 from .data import check_preference_rows
 from .rl import token_logprobs
 from .templates import pad_right, tokenize_prompt_and_completion, unpad
-from .training import History, TrainConfig, train
+from .training import History, ShuffledEpochs, TrainConfig, train
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -170,15 +169,10 @@ def dpo_batches(rows: list[dict], tokenizer, batch_size: int, *, max_length: int
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pairs = _tokenize_row_pairs(rows, tokenizer, max_length)
     pad = tokenizer.pad_token_id
-    order: list[int] = []
+    order = ShuffledEpochs(len(pairs), seed)
 
     def batch(step: int) -> dict:
-        start = step * batch_size
-        while len(order) < start + batch_size:  # extend the index stream one shuffled epoch at a time
-            epoch = list(range(len(pairs)))
-            random.Random(seed + len(order) // len(pairs)).shuffle(epoch)
-            order.extend(epoch)
-        picked = order[start:start + batch_size]
+        picked = order.take(step * batch_size, batch_size)
         return _with_reference(collate_pairs([pairs[i] for i in picked], pad), [rows[i] for i in picked])
     return batch
 

@@ -12,7 +12,6 @@ examples into rows with restarting position ids (no cross-example attention, no 
 
 from __future__ import annotations
 
-import random
 from typing import Callable
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from .templates import (end_of_turn_token, pack_examples, pad_right, tokenize_messages,
                         tokenize_prompt_and_completion, unpad)
-from .training import History, LossSum, TrainConfig, causal_lm_loss_sum, train
+from .training import History, LossSum, ShuffledEpochs, TrainConfig, causal_lm_loss_sum, train
 
 
 def data_format(rows: list[dict]) -> str:
@@ -67,15 +66,10 @@ def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool =
         raise ValueError("packing needs max_length: the length of the packed rows")
     examples = unpad(tokenize_rows(rows, tokenizer, max_length=max_length))
     pad = tokenizer.pad_token_id
-    order: list[int] = []
+    order = ShuffledEpochs(len(examples), seed)
 
     def batch(step: int) -> dict:
-        start = step * batch_size
-        while len(order) < start + batch_size:  # extend the index stream one shuffled epoch at a time
-            epoch = list(range(len(examples)))
-            random.Random(seed + len(order) // max(1, len(examples))).shuffle(epoch)
-            order.extend(epoch)
-        chosen = [examples[i] for i in order[start:start + batch_size]]
+        chosen = [examples[i] for i in order.take(step * batch_size, batch_size)]
         if packing:
             return pack_examples(chosen, max_length, pad)
         return pad_right([(e["input_ids"], e["labels"]) for e in chosen], pad)

@@ -17,6 +17,7 @@ the token mean over the accumulation window and over all devices, not a mean of 
 from __future__ import annotations
 
 import math
+import random
 import os
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,23 @@ class History:
 
     def seconds_per_step(self) -> float:
         return self.seconds / max(len(self.step), 1)
+
+
+class ShuffledEpochs:
+    """An endless stream of the indices 0…n−1, reshuffled every epoch (epoch e with ``seed + e``), read by
+    position: batch k of size b is ``take(k·b, b)``. Deterministic, so batch k is the same in every run."""
+
+    def __init__(self, n: int, seed: int = 0):
+        if n <= 0:
+            raise ValueError(f"cannot draw batches from {n} rows: give at least one row")
+        self.n, self.seed, self.order = n, seed, []
+
+    def take(self, start: int, count: int) -> list[int]:
+        while len(self.order) < start + count:  # extend the stream one shuffled epoch at a time
+            epoch = list(range(self.n))
+            random.Random(self.seed + len(self.order) // self.n).shuffle(epoch)
+            self.order.extend(epoch)
+        return self.order[start:start + count]
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

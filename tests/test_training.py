@@ -262,3 +262,14 @@ def test_split_rows_keeps_stacked_pairs_together():
     assert plain["input_ids"].flatten().tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="row_blocks=2"):
         _split_rows({"input_ids": ids, "x": torch.zeros(3), "row_blocks": 2}, 0, 2)
+
+
+def test_shuffled_epochs_cover_every_row_once_per_epoch_and_repeat_per_seed():
+    from course_lib.training import ShuffledEpochs
+
+    stream = ShuffledEpochs(5, seed=3)
+    first, second = stream.take(0, 5), stream.take(5, 5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second  # reshuffled each epoch
+    assert ShuffledEpochs(5, seed=3).take(3, 4) == (first + second)[3:7]  # read by position, deterministic
+    with pytest.raises(ValueError, match="at least one row"):
+        ShuffledEpochs(0)
