@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .adapters import (PEFT_PREFIX, AdapterLayer, copy_saved, find_targets, matches, pattern_value,  # noqa: F401
+from .adapters import (PEFT_PREFIX, AdapterLayer, copy_saved, find_targets, pattern_value,
                        read_peft_adapter, refuse_unknown_keys, refuse_unsupported, require_layers, require_modules,
                        write_peft_adapter)
 from .kernels.multi_lora import lora_mixed_delta
