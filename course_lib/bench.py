@@ -420,6 +420,16 @@ def bench_dpo(args: argparse.Namespace) -> dict:
 BENCHMARKS["dpo"] = bench_dpo
 
 
+def bench_grpo(args: argparse.Namespace) -> dict:
+    """course_lib's GRPO step vs TRL's GRPOTrainer (course_lib/bench_grpo.py, imported on use: it needs TRL)."""
+    from .bench_grpo import bench_grpo as run
+
+    return run(args)
+
+
+BENCHMARKS["grpo"] = bench_grpo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="course-bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS) or 'none yet'}")

@@ -1,0 +1,148 @@
+"""``course-bench grpo``: a GRPO step, generation included, through course_lib and through TRL's
+``GRPOTrainer``, and the generation throughput of each (completion tokens per second).
+
+Registered in ``course_lib.bench`` as ``BENCHMARKS["grpo"] = bench_grpo``; timed like ``course-bench dpo``
+(medians of alternating runs in one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+
+PROMPTS_PER_STEP, GROUP_SIZE, MAX_COMPLETION_LENGTH, BETA, LOSS_TYPE = 16, 8, 6, 0.1, "dapo"  # lesson 08's cpu profile
+DEFAULT_STEPS = 3  # optimizer steps per timed run
+
+
+def bench_grpo(args: argparse.Namespace) -> dict:
+    """A GRPO step: course_lib's ``grpo_train`` vs ``GRPOTrainer``'s steady-state step, same model, LoRA,
+    prompts, G, completion length and loss; then generation alone, same prompts, both sides.
+
+    Lesson 08's set-up: the embedded model, LoRA r=8 α=16 on all linear layers, 2-digit addition prompts
+    (``grpo.addition_rows(data.addition_pairs("train"))``) rewarded by ``grpo.correctness_reward``, 16 prompts
+    per step × G = 8 completions each (128 rows), at most 6 completion tokens, sampling at temperature 1
+    (no top-k / top-p), loss "dapo" (TRL's default), ε = 0.2, group-scaled advantages, one optimizer step per
+    generation (μ = 1), and β = 0.1 on both sides (the lesson's value; TRL's default is 0): so both do the
+    reference forward with the adapter switched off, as both do with LoRA.
+
+    One step covers the same work on both sides: 16 prompts × 8 completions generated in ONE batched
+    ``generate`` call, scored, one reference forward, one policy forward + backward over all 128 rows, one
+    optimizer step. TRL counts ``per_device_train_batch_size`` in completions, not prompts: 128 with
+    ``gradient_accumulation_steps`` = 1 gives ``steps_per_generation`` = 1 and ``generation_batch_size`` = 128,
+    so each ``training_step`` generates a fresh batch (``_prepare_inputs``: ``_step % steps_per_generation
+    == 0``) and trains on all of it — no buffered slices carried between measured steps.
+
+    course_lib: ``grpo.grpo_train`` end to end (sampling, rewards, advantages, reference log-probs, loss,
+    backward, clipping, optimizer; ``log_kl`` is moot at β ≠ 0). TRL: the trainer's own ``training_step``
+    (which generates, scores and trains) on generation batches from its own sampler, plus its optimizer and
+    scheduler step (``bench.trainer_steps``) — without ``trainer.train()``'s set-up, logging and gradient
+    clipping. TRL's CPU-hostile defaults are turned off (bf16, gradient checkpointing) so both work in
+    float32; its other defaults stay (its fused chunked LM head for log-probs, per-step metrics, linear
+    learning-rate schedule: course_lib's is constant, which costs the same). The prompts of each step come
+    from each side's own shuffler: the same pool, so the same lengths on average.
+
+    Generation throughput: ``grpo.sample_completions`` vs TRL's ``GRPOTrainer._generate`` (tokenize, generate,
+    decode) on one identical batch of 16 prompts × 8, the torch RNG reseeded before each call so each side
+    samples the same completions every time; completion tokens (up to and including the first end token,
+    as both count them) per second.
+    """
+    import tempfile
+    import warnings
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import GRPOTrainer
+
+    from . import data
+    from .bench import alternate, trainer_steps
+    from .grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
+    from .lora import add_lora
+    from .models import load_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    steps = getattr(args, "steps", None) or DEFAULT_STEPS
+    rows = addition_rows(data.addition_pairs("train"))
+    ours, tokenizer = load_model(None, device=device)
+    add_lora(ours, "all-linear", r=8, alpha=16)
+    config = GRPOConfig(steps=steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP_SIZE,
+                        max_new_tokens=MAX_COMPLETION_LENGTH, temperature=1.0, lr=1e-3, loss_type=LOSS_TYPE,
+                        beta=BETA, progress=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
+                              reward_funcs=[correctness_reward], train_dataset=Dataset.from_list(rows),
+                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"),
+                              args=TRLGRPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
+                                                 learning_rate=1e-3,
+                                                 per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+                                                 gradient_accumulation_steps=1, num_generations=GROUP_SIZE,
+                                                 max_completion_length=MAX_COMPLETION_LENGTH, temperature=1.0,
+                                                 loss_type=LOSS_TYPE, beta=BETA, save_strategy="no", bf16=False,
+                                                 gradient_checkpointing=False, use_cpu=not cuda, disable_tqdm=True))
+    trl_args = trainer.args
+    if (trl_args.steps_per_generation, trl_args.generation_batch_size) != (1, PROMPTS_PER_STEP * GROUP_SIZE):
+        raise RuntimeError(f"TRL batches generations differently than this benchmark assumes: steps_per_generation="
+                           f"{trl_args.steps_per_generation}, generation_batch_size={trl_args.generation_batch_size}")
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1
+    # Trainer.train() passes num_items_in_batch; GRPO's loss ignores it (it counts tokens in its own batch).
+    trainer.training_step = functools.partial(trainer.training_step, num_items_in_batch=None)
+    their_batches = []  # generation batches: lists of 128 rows, each prompt G times in a row
+    for batch in trainer.get_train_dataloader():
+        their_batches.append(batch)
+        if len(their_batches) == steps:
+            break
+    trainer.model.train()
+
+    def run_ours():
+        grpo_train(ours, tokenizer, rows, [correctness_reward], config)
+
+    def run_theirs():
+        trainer_steps(trainer, their_batches)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)
+
+    # Generation alone, on one identical batch of prompts.
+    batch = their_batches[0]
+    distinct_rows = batch[::GROUP_SIZE]  # (16,) the sampler repeats each prompt G times in a row
+    if [row["prompt"] for row in batch] != [row["prompt"] for row in distinct_rows for _ in range(GROUP_SIZE)]:
+        raise RuntimeError("TRL's generation batch is not each prompt G times in a row; the generation "
+                           "comparison needs the same prompts on both sides")
+    tokens = {}
+
+    def generate_ours():
+        torch.manual_seed(0)
+        rollout = sample_completions(ours, tokenizer, distinct_rows, GROUP_SIZE, max_new_tokens=MAX_COMPLETION_LENGTH,
+                                     temperature=1.0)
+        tokens["ours"] = int(rollout.completion_mask.sum())
+
+    def generate_theirs():
+        torch.manual_seed(0)
+        completion_ids = trainer._generate([row["prompt"] for row in batch])[1]  # (128,) lists of token ids
+        tokens["theirs"] = sum(len(ids) for ids in completion_ids)
+
+    g_ours, g_theirs = alternate(generate_ours, generate_theirs, repeats=args.repeats, sync=sync)
+    throughput = [tokens["ours"] / g_ours, tokens["theirs"] / g_theirs]
+
+    rows_per_step = PROMPTS_PER_STEP * GROUP_SIZE
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
+              "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
+              "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
+              "step_s": [t_ours / steps, t_theirs / steps], "step_ratio": t_ours / t_theirs,
+              "generation_s": [g_ours, g_theirs], "generation_tokens": [tokens["ours"], tokens["theirs"]],
+              "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs}
+    print(f"grpo · {result['device']} · embedded model · LoRA r=8 all-linear · {LOSS_TYPE} β={BETA} · "
+          f"{PROMPTS_PER_STEP} prompts × G={GROUP_SIZE} = {rows_per_step} completions of ≤{MAX_COMPLETION_LENGTH} "
+          f"tokens per step · {steps} steps per run")
+    print(f"  step (generation included)  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer "
+          f"{t_theirs / steps * 1e3:8.1f} ms   ratio {t_ours / t_theirs:.2f}×")
+    print(f"  generation {rows_per_step} completions  course_lib {g_ours * 1e3:8.1f} ms ({throughput[0]:7.1f} tok/s)   "
+          f"TRL {g_theirs * 1e3:8.1f} ms ({throughput[1]:7.1f} tok/s)   ratio {g_ours / g_theirs:.2f}×")
+    return result
