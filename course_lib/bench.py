@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed A/B rounds (median reported)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     parser.add_argument("--bf16", action="store_true", help="lora: a bf16 model on the CPU too (the GPU always uses bf16)")
+    parser.add_argument("--steps", type=int, default=None, help="dpo, grpo: optimizer steps per timed run")
     args = parser.parse_args(argv)
     if args.name is None:
         coming = "; coming: " + ", ".join(f"{k} arrives with {v}" for k, v in PLANNED.items()) if PLANNED else ""

@@ -41,13 +41,41 @@ def lesson_notebooks() -> dict[str, Path]:
     return {p.name[:2]: p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))}
 
 
-def record_metrics(path: str | os.PathLike | None, *, headline: str, **metrics) -> dict:
+def runs_dir() -> Path:
+    """Where each lesson's latest metrics are kept for later lessons to read: ``$COURSE_LIB_RUNS`` or
+    ``~/.cache/course_lib/runs``."""
+    return Path(os.environ.get("COURSE_LIB_RUNS") or Path.home() / ".cache" / "course_lib" / "runs")
+
+
+def record_metrics(path: str | os.PathLike | None, *, headline: str, lesson: str | None = None, **metrics) -> dict:
     """Called by a notebook's last cell: its headline (one short line for the summary table) and
-    the numbers behind it. Without a path (a learner running the notebook by hand) it only returns them."""
+    the numbers behind it. Without a path (a learner running the notebook by hand) it only returns them.
+
+    With ``lesson`` (e.g. ``"06"``) the record, stamped with the time and machine, is also kept in
+    :func:`runs_dir` as that lesson's latest run, so that a later lesson can put its numbers beside
+    this one's (:func:`recorded_metrics`) — by hand or under ``course-lab`` alike."""
     record = {"headline": headline, "metrics": metrics}
     if path:
         Path(path).write_text(json.dumps(record, indent=2, default=float) + "\n")
+    if lesson is not None:
+        import platform
+        from datetime import datetime, timezone
+
+        stamped = {**record, "lesson": lesson, "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)"}
+        runs_dir().mkdir(parents=True, exist_ok=True)
+        target = runs_dir() / f"{lesson}.json"
+        partial = target.with_suffix(".json.partial")  # a reader never sees half a file
+        partial.write_text(json.dumps(stamped, indent=2, default=float) + "\n")
+        partial.replace(target)
     return record
+
+
+def recorded_metrics(lesson: str) -> dict | None:
+    """The latest record of ``lesson`` kept by :func:`record_metrics` (keys ``headline``, ``metrics``,
+    ``recorded``, ``machine``), or None when that lesson has not been run on this machine."""
+    target = runs_dir() / f"{lesson}.json"
+    return json.loads(target.read_text()) if target.exists() else None
 
 
 @dataclass

@@ -122,3 +122,17 @@ def test_qlora_benchmark_runs_on_cpu_and_reports_every_variant(capsys):
                      for c in (False, True)}
     assert all(row["step_s"] > 0 for row in result["rows"])
     assert "QLoRA (bitsandbytes + peft)" in capsys.readouterr().out
+
+
+def test_a_lesson_record_is_kept_for_later_lessons(tmp_path, monkeypatch):
+    from course_lib.lab import record_metrics, recorded_metrics
+
+    monkeypatch.setenv("COURSE_LIB_RUNS", str(tmp_path / "runs"))
+    assert recorded_metrics("06") is None                      # never run here: later lessons must say so
+    record_metrics(None, headline="first", lesson="06", seconds=1.5)
+    record_metrics(None, headline="second", lesson="06", seconds=2.5, table={"a": 1})
+    record_metrics(tmp_path / "07.json", headline="not kept")  # no lesson: only the path is written
+    kept = recorded_metrics("06")
+    assert kept["headline"] == "second" and kept["metrics"] == {"seconds": 2.5, "table": {"a": 1}}
+    assert kept["lesson"] == "06" and kept["recorded"][:4].isdigit() and "CPUs" in kept["machine"]
+    assert recorded_metrics("07") is None and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["06.json"]
