@@ -157,6 +157,14 @@ def bench_lora(args: argparse.Namespace) -> dict:
 BENCHMARKS["lora"] = bench_lora
 
 
+def trl_settings(trainer) -> str:
+    """What a trainer's timed steps really run with: its autocast precision, and whether gradient
+    checkpointing is on in the model (transformers' ``Trainer.train()`` would switch it on; timing the
+    steady-state ``training_step`` alone runs whatever the trainer's constructor left)."""
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules())
+    return f"{trainer.accelerator.mixed_precision} autocast, checkpointing {'on' if checkpointing else 'off'}"
+
+
 def trainer_steps(trainer, batches: list[dict]) -> None:
     """A transformers/TRL trainer's steady-state steps: its own ``training_step`` (loss, backward) and its
     optimizer and scheduler, without ``trainer.train()``'s set-up and logging — what a step costs."""

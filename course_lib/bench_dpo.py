@@ -27,8 +27,11 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     ("ending" preference rows). course_lib: ``training.train`` end to end (collation, policy forward,
     reference forward with the adapter off, backward, clipping, optimizer). TRL: the trainer's own
     ``training_step`` on batches from its own collator plus its optimizer and scheduler step — without
-    ``trainer.train()``'s set-up and logging. TRL's CPU-hostile defaults are turned off (bf16, gradient
-    checkpointing) so both do the same arithmetic in float32; its per-step metrics stay on.
+    ``trainer.train()``'s set-up and logging. TRL is timed twice in the same alternation: with its own
+    defaults (bf16 autocast — what a learner gets, and how ``course-bench sft`` times TRL; gradient checkpointing
+    only if its constructor switched it on, which ``trl_settings`` reports) and in float32 without
+    checkpointing (the same arithmetic as course_lib); its per-step
+    metrics stay on in both.
 
     Memory: measured peak of a few course_lib DPO steps with the reference as the adapter switched off,
     and with a separate frozen copy of the model as the reference (built inside the measurement)."""
@@ -39,7 +42,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .bench import alternate, trainer_steps
+    from .bench import alternate_all, trainer_steps, trl_settings
     from .dpo import DPOLoss, dpo_batches
     from .lora import add_lora
     from .memory import measure_peak_memory, tensor_bytes
@@ -55,29 +58,37 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     batches = dpo_batches(rows, tokenizer, batch_size)
     config = TrainConfig(steps=steps, lr=1e-3, progress=False)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = DPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(rows),
-                             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                    task_type="CAUSAL_LM"),
-                             args=DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
-                                            learning_rate=1e-3, per_device_train_batch_size=batch_size, beta=beta,
-                                            max_length=None, save_strategy="no", bf16=False,
-                                            gradient_checkpointing=False, use_cpu=not cuda, disable_tqdm=True))
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    trainer.current_gradient_accumulation_steps = 1
-    their_batches = [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
-    trainer.model.train()
+    settings = {}
+
+    def trl_trainer(**overrides):
+        """A DPOTrainer on a fresh copy of the model with its own collated batches; ``overrides`` change
+        TRL's defaults."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = DPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
+                                 train_dataset=Dataset.from_list(rows),
+                                 peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                        task_type="CAUSAL_LM"),
+                                 args=DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
+                                                learning_rate=1e-3, per_device_train_batch_size=batch_size, beta=beta,
+                                                max_length=None, save_strategy="no", use_cpu=not cuda,
+                                                disable_tqdm=True, **overrides))
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        trainer.current_gradient_accumulation_steps = 1
+        their_batches = [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
+        trainer.model.train()
+        settings["float32" if overrides else "defaults"] = trl_settings(trainer)
+        return lambda: trainer_steps(trainer, their_batches)
 
     def run_ours():
         train(ours, batches, config, loss_fn=DPOLoss(beta), device=device)
 
-    def run_theirs():
-        trainer_steps(trainer, their_batches)
-
+    # TRL with its own defaults (bf16 autocast; how `course-bench sft` times TRL — the settings its steps really
+    # ran with are reported), and TRL doing our arithmetic (float32, no checkpointing)
+    variants = {"defaults": trl_trainer(), "float32": trl_trainer(bf16=False, gradient_checkpointing=False)}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)
+    t_ours, *t_trl = alternate_all([run_ours, *variants.values()], repeats=args.repeats, sync=sync)
+    t_theirs = dict(zip(variants, t_trl))
 
     def dpo_steps(separate_reference: bool):
         model = copy.deepcopy(ours)
@@ -90,14 +101,17 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
 
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
-              "batch_pairs": batch_size, "step_s": [t_ours / steps, t_theirs / steps], "step_ratio": t_ours / t_theirs,
+              "batch_pairs": batch_size, "step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_theirs.items()}},
+              "step_ratio": {k: t_ours / t for k, t in t_theirs.items()},
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
               "weights_held_mb": {"adapter_off": held_adapter / 1e6, "separate_reference": held_separate / 1e6},
-              "memory_method": peak_adapter.method}
+              "memory_method": peak_adapter.method, "trl_settings": settings}
     print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
           f"batch {batch_size} pairs · {steps} steps per run")
-    print(f"  step  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer {t_theirs / steps * 1e3:8.1f} ms   "
-          f"ratio {t_ours / t_theirs:.2f}×")
+    print(f"  step  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer, its defaults ({settings['defaults']}) "
+          f"{t_theirs['defaults'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['defaults']:.2f}×")
+    print(f"        TRL in float32 without checkpointing (our arithmetic) {t_theirs['float32'] / steps * 1e3:8.1f} ms   "
+          f"ratio {result['step_ratio']['float32']:.2f}×")
     print(f"  reference  adapter off: peak {peak_adapter.mb:7.1f} MB, weights {held_adapter / 1e6:5.1f} MB   "
           f"separate model: peak {peak_separate.mb:7.1f} MB, weights {held_separate / 1e6:5.1f} MB   "
           f"({peak_adapter.method})")

@@ -38,8 +38,11 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     backward, clipping, optimizer; ``log_kl`` is moot at β ≠ 0). TRL: the trainer's own ``training_step``
     (which generates, scores and trains) on generation batches from its own sampler, plus its optimizer and
     scheduler step (``bench.trainer_steps``) — without ``trainer.train()``'s set-up, logging and gradient
-    clipping. TRL's CPU-hostile defaults are turned off (bf16, gradient checkpointing) so both work in
-    float32; its other defaults stay (its fused chunked LM head for log-probs, per-step metrics, linear
+    clipping. TRL is timed twice in the same alternation: with its own defaults (bf16 autocast — what a
+    learner gets, and how ``course-bench sft`` times TRL; gradient checkpointing only if its constructor switched
+    it on, which ``trl_settings`` reports) and in float32 without
+    checkpointing (course_lib's arithmetic); its other defaults stay (its fused chunked LM head for
+    log-probs, per-step metrics, linear
     learning-rate schedule: course_lib's is constant, which costs the same). The prompts of each step come
     from each side's own shuffler: the same pool, so the same lengths on average.
 
@@ -57,7 +60,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from trl import GRPOTrainer
 
     from . import data
-    from .bench import alternate, trainer_steps
+    from .bench import alternate, alternate_all, trainer_steps, trl_settings
     from .grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
     from .lora import add_lora
     from .models import load_model
@@ -72,42 +75,52 @@ def bench_grpo(args: argparse.Namespace) -> dict:
                         max_new_tokens=MAX_COMPLETION_LENGTH, temperature=1.0, lr=1e-3, loss_type=LOSS_TYPE,
                         beta=BETA, progress=False)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
-                              reward_funcs=[correctness_reward], train_dataset=Dataset.from_list(rows),
-                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM"),
-                              args=TRLGRPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
-                                                 learning_rate=1e-3,
-                                                 per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
-                                                 gradient_accumulation_steps=1, num_generations=GROUP_SIZE,
-                                                 max_completion_length=MAX_COMPLETION_LENGTH, temperature=1.0,
-                                                 loss_type=LOSS_TYPE, beta=BETA, save_strategy="no", bf16=False,
-                                                 gradient_checkpointing=False, use_cpu=not cuda, disable_tqdm=True))
-    trl_args = trainer.args
-    if (trl_args.steps_per_generation, trl_args.generation_batch_size) != (1, PROMPTS_PER_STEP * GROUP_SIZE):
-        raise RuntimeError(f"TRL batches generations differently than this benchmark assumes: steps_per_generation="
-                           f"{trl_args.steps_per_generation}, generation_batch_size={trl_args.generation_batch_size}")
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    trainer.current_gradient_accumulation_steps = 1
-    # Trainer.train() passes num_items_in_batch; GRPO's loss ignores it (it counts tokens in its own batch).
-    trainer.training_step = functools.partial(trainer.training_step, num_items_in_batch=None)
-    their_batches = []  # generation batches: lists of 128 rows, each prompt G times in a row
-    for batch in trainer.get_train_dataloader():
-        their_batches.append(batch)
-        if len(their_batches) == steps:
-            break
-    trainer.model.train()
+    settings = {}
+
+    def trl_trainer(**overrides):
+        """A GRPOTrainer on a fresh copy of the model, with its own generation batches; ``overrides`` change
+        TRL's defaults."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = GRPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
+                                  reward_funcs=[correctness_reward], train_dataset=Dataset.from_list(rows),
+                                  peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                         task_type="CAUSAL_LM"),
+                                  args=TRLGRPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], max_steps=steps,
+                                                     learning_rate=1e-3,
+                                                     per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+                                                     gradient_accumulation_steps=1, num_generations=GROUP_SIZE,
+                                                     max_completion_length=MAX_COMPLETION_LENGTH, temperature=1.0,
+                                                     loss_type=LOSS_TYPE, beta=BETA, save_strategy="no",
+                                                     use_cpu=not cuda, disable_tqdm=True, **overrides))
+        trl_args = trainer.args
+        if (trl_args.steps_per_generation, trl_args.generation_batch_size) != (1, PROMPTS_PER_STEP * GROUP_SIZE):
+            raise RuntimeError(f"TRL batches generations differently than this benchmark assumes: steps_per_generation="
+                               f"{trl_args.steps_per_generation}, generation_batch_size={trl_args.generation_batch_size}")
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        trainer.current_gradient_accumulation_steps = 1
+        # Trainer.train() passes num_items_in_batch; GRPO's loss ignores it (it counts tokens in its own batch).
+        trainer.training_step = functools.partial(trainer.training_step, num_items_in_batch=None)
+        their_batches = []  # generation batches: lists of 128 rows, each prompt G times in a row
+        for batch in trainer.get_train_dataloader():
+            their_batches.append(batch)
+            if len(their_batches) == steps:
+                break
+        trainer.model.train()
+        settings["float32" if overrides else "defaults"] = trl_settings(trainer)
+        return trainer, their_batches
 
     def run_ours():
         grpo_train(ours, tokenizer, rows, [correctness_reward], config)
 
-    def run_theirs():
-        trainer_steps(trainer, their_batches)
-
+    # TRL with its own defaults (bf16 autocast; how `course-bench sft` times TRL — the settings its steps really
+    # ran with are reported), and TRL doing our arithmetic (float32, no checkpointing)
+    variants = {"defaults": trl_trainer(), "float32": trl_trainer(bf16=False, gradient_checkpointing=False)}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t_ours, t_theirs = alternate(run_ours, run_theirs, repeats=args.repeats, sync=sync)
+    t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
+                                   repeats=args.repeats, sync=sync)
+    t_theirs = dict(zip(variants, t_trl))
+    trainer, their_batches = variants["float32"]
 
     # Generation alone, on one identical batch of prompts.
     batch = their_batches[0]
@@ -135,14 +148,17 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
-              "step_s": [t_ours / steps, t_theirs / steps], "step_ratio": t_ours / t_theirs,
+              "step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_theirs.items()}},
+              "step_ratio": {k: t_ours / t for k, t in t_theirs.items()},
               "generation_s": [g_ours, g_theirs], "generation_tokens": [tokens["ours"], tokens["theirs"]],
-              "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs}
+              "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs, "trl_settings": settings}
     print(f"grpo · {result['device']} · embedded model · LoRA r=8 all-linear · {LOSS_TYPE} β={BETA} · "
           f"{PROMPTS_PER_STEP} prompts × G={GROUP_SIZE} = {rows_per_step} completions of ≤{MAX_COMPLETION_LENGTH} "
           f"tokens per step · {steps} steps per run")
-    print(f"  step (generation included)  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer "
-          f"{t_theirs / steps * 1e3:8.1f} ms   ratio {t_ours / t_theirs:.2f}×")
+    print(f"  step (generation included)  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer, its defaults "
+          f"({settings['defaults']}) {t_theirs['defaults'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['defaults']:.2f}×")
+    print(f"        TRL in float32 without checkpointing (our arithmetic) {t_theirs['float32'] / steps * 1e3:8.1f} ms   "
+          f"ratio {result['step_ratio']['float32']:.2f}×")
     print(f"  generation {rows_per_step} completions  course_lib {g_ours * 1e3:8.1f} ms ({throughput[0]:7.1f} tok/s)   "
           f"TRL {g_theirs * 1e3:8.1f} ms ({throughput[1]:7.1f} tok/s)   ratio {g_ours / g_theirs:.2f}×")
     return result
