@@ -43,7 +43,6 @@ def test_rank_and_alpha_patterns_load_with_peft_logits(tmp_path, extra):
 
 
 @pytest.mark.parametrize("extra, named", [
-    (dict(use_dora=True), "use_dora=True"),
     (dict(lora_bias=True), "lora_bias=True"),
     (dict(bias="lora_only"), "bias='lora_only'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
