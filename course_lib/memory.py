@@ -1,6 +1,7 @@
-"""Memory: the seed's back-of-the-envelope formula, and what a run really takes.
+"""Memory: a popular back-of-the-envelope formula, and what a run really takes.
 
-The seed estimates serving memory as ``params × 4 B / (32 / bits) × 1.2`` — the weights at the
+A widely used rule of thumb (Sam Stoelinga, "Calculating GPU memory for serving LLMs", Substratus blog)
+estimates serving memory as ``params × 4 B / (32 / bits) × 1.2`` — the weights at the
 given precision plus 20 % overhead. `estimate_serving_memory_gb` is that formula;
 `measure_peak_memory` measures the peak of a piece of code (CUDA allocator peak on a GPU, the
 process' peak resident set on a CPU) so the lessons can put the two side by side. `saved_activation_bytes` counts exactly what autograd keeps for the backward
@@ -18,11 +19,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-GB = 1e9  # the seed's "GB" is decimal: 7e9 params × 2 B × 1.2 = 16.8 GB ("around 17 GB")
+GB = 1e9  # the rule of thumb's "GB" is decimal: 7e9 params × 2 B × 1.2 = 16.8 GB ("around 17 GB")
 
 
 def estimate_serving_memory_gb(n_params: float, bits: int = 16, overhead: float = 1.2) -> float:
-    """The seed's formula: ``n_params × 4 bytes / (32 / bits) × overhead``, in GB (1e9 bytes)."""
+    """The serving rule of thumb: ``n_params × 4 bytes / (32 / bits) × overhead``, in GB (1e9 bytes)."""
     if bits <= 0 or bits > 32:
         raise ValueError(f"bits must be in 1..32, got {bits}")
     return n_params * 4 / (32 / bits) * overhead / GB

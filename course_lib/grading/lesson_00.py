@@ -49,7 +49,7 @@ def check_count_parameters(count_parameters) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 00.2 estimate_memory_gb(n_params, bits) — the seed's serving formula
+# 00.2 estimate_memory_gb(n_params, bits) — the serving rule of thumb (Stoelinga, Substratus blog)
 # ---------------------------------------------------------------------------------------------
 def check_estimate_memory_gb(estimate_memory_gb) -> str:
     for n, bits in [(7e9, 32), (7e9, 16), (7e9, 4), (1.1e9, 8), (123_456, 16)]:
@@ -58,12 +58,12 @@ def check_estimate_memory_gb(estimate_memory_gb) -> str:
                mistakes={
                    "the 1.2 (20 % overhead) factor is missing": expected / 1.2,
                    "divide by (32 / bits), not by bits / 32": n * 4 / (bits / 32) * 1.2 / 1e9,
-                   "GB here means 1e9 bytes (the seed's 7B × 16-bit ≈ 17 GB), not GiB (2**30)": expected * 1e9 / 2**30,
+                   "GB here means 1e9 bytes (7B × 16-bit = 16.8 GB, quoted as ≈ 17 GB), not GiB (2**30)": expected * 1e9 / 2**30,
                    "the result must be in GB, not bytes": expected * 1e9,
                    "4 bytes is the size of a 32-bit parameter; at `bits` bits a parameter takes 4 / (32 / bits) "
                    "bytes — you used bits bytes": n * bits * 1.2 / 1e9,
                })
-    return "7B at 16-bit = 16.8 GB, as the seed says"
+    return "7B at 16-bit = 16.8 GB, as the rule of thumb gives"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def check_lr_at_step(lr_at_step) -> str:
 
 EXERCISES = [
     Exercise("00.1", "count trainable and total parameters", ("count_parameters",), check_count_parameters),
-    Exercise("00.2", "the seed's memory formula", ("estimate_memory_gb",), check_estimate_memory_gb),
+    Exercise("00.2", "a serving-memory rule of thumb", ("estimate_memory_gb",), check_estimate_memory_gb),
     Exercise("00.3", "causal language-model loss", ("causal_lm_loss",), check_causal_lm_loss),
     Exercise("00.4", "cosine schedule with warm-up", ("lr_at_step",), check_lr_at_step),
 ]
