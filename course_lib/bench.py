@@ -157,6 +157,26 @@ def bench_lora(args: argparse.Namespace) -> dict:
 BENCHMARKS["lora"] = bench_lora
 
 
+# The two ways the alignment benchmarks run TRL: as a learner gets it (how `course-bench sft` times TRL), and
+# in float32 without gradient checkpointing — the same arithmetic as course_lib.
+TRL_VARIANTS = {"defaults": {}, "float32": {"bf16": False, "gradient_checkpointing": False}}
+
+
+def ready_for_steps(trainer, steps: int):
+    """Prepare a transformers/TRL trainer for :func:`trainer_steps` as ``Trainer.train()`` would: its optimizer
+    and scheduler for ``steps`` steps, no gradient accumulation, the model in train mode."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    return trainer
+
+
+def trl_step_times(t_ours: float, t_trl: dict[str, float], steps: int) -> dict:
+    """Seconds per step of course_lib and of each TRL variant, and course_lib ÷ TRL per variant."""
+    return {"step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_trl.items()}},
+            "step_ratio": {k: t_ours / t for k, t in t_trl.items()}}
+
+
 def trl_settings(trainer) -> str:
     """What a trainer's timed steps really run with: its autocast precision, and whether gradient
     checkpointing is on in the model (transformers' ``Trainer.train()`` would switch it on; timing the
@@ -217,10 +237,8 @@ def bench_sft(args: argparse.Namespace) -> dict:
                                             learning_rate=1e-3, per_device_train_batch_size=batch_size,
                                             assistant_only_loss=True, max_length=None, save_strategy="no",
                                             use_cpu=not cuda, disable_tqdm=True))
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    trainer.current_gradient_accumulation_steps = 1
+    ready_for_steps(trainer, steps)
     their_batches = [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
-    trainer.model.train()
 
     def run_ours():
         train(ours, batches, config, loss_fn=sft_loss, device=device)

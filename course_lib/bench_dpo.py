@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 
@@ -42,7 +43,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .bench import alternate_all, trainer_steps, trl_settings
+    from .bench import TRL_VARIANTS, alternate_all, ready_for_steps, trainer_steps, trl_settings, trl_step_times
     from .dpo import DPOLoss, dpo_batches
     from .lora import add_lora
     from .memory import measure_peak_memory, tensor_bytes
@@ -58,11 +59,9 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     batches = dpo_batches(rows, tokenizer, batch_size)
     config = TrainConfig(steps=steps, lr=1e-3, progress=False)
 
-    settings = {}
-
     def trl_trainer(**overrides):
-        """A DPOTrainer on a fresh copy of the model with its own collated batches; ``overrides`` change
-        TRL's defaults."""
+        """A DPOTrainer on a fresh copy of the model, ready to step, and its own collated batches;
+        ``overrides`` change TRL's defaults."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = DPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
@@ -73,21 +72,17 @@ def bench_dpo(args: argparse.Namespace) -> dict:
                                                 learning_rate=1e-3, per_device_train_batch_size=batch_size, beta=beta,
                                                 max_length=None, save_strategy="no", use_cpu=not cuda,
                                                 disable_tqdm=True, **overrides))
-        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-        trainer.current_gradient_accumulation_steps = 1
-        their_batches = [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
-        trainer.model.train()
-        settings["float32" if overrides else "defaults"] = trl_settings(trainer)
-        return lambda: trainer_steps(trainer, their_batches)
+        ready_for_steps(trainer, steps)
+        return trainer, [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
 
     def run_ours():
         train(ours, batches, config, loss_fn=DPOLoss(beta), device=device)
 
-    # TRL with its own defaults (bf16 autocast; how `course-bench sft` times TRL — the settings its steps really
-    # ran with are reported), and TRL doing our arithmetic (float32, no checkpointing)
-    variants = {"defaults": trl_trainer(), "float32": trl_trainer(bf16=False, gradient_checkpointing=False)}
+    variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
+    settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t_ours, *t_trl = alternate_all([run_ours, *variants.values()], repeats=args.repeats, sync=sync)
+    t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
+                                   repeats=args.repeats, sync=sync)
     t_theirs = dict(zip(variants, t_trl))
 
     def dpo_steps(separate_reference: bool):
@@ -101,8 +96,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
 
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
-              "batch_pairs": batch_size, "step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_theirs.items()}},
-              "step_ratio": {k: t_ours / t for k, t in t_theirs.items()},
+              "batch_pairs": batch_size, **trl_step_times(t_ours, t_theirs, steps),
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
               "weights_held_mb": {"adapter_off": held_adapter / 1e6, "separate_reference": held_separate / 1e6},
               "memory_method": peak_adapter.method, "trl_settings": settings}

@@ -60,7 +60,8 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from trl import GRPOTrainer
 
     from . import data
-    from .bench import alternate, alternate_all, trainer_steps, trl_settings
+    from .bench import (TRL_VARIANTS, alternate, alternate_all, ready_for_steps, trainer_steps, trl_settings,
+                        trl_step_times)
     from .grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
     from .lora import add_lora
     from .models import load_model
@@ -75,11 +76,9 @@ def bench_grpo(args: argparse.Namespace) -> dict:
                         max_new_tokens=MAX_COMPLETION_LENGTH, temperature=1.0, lr=1e-3, loss_type=LOSS_TYPE,
                         beta=BETA, progress=False)
 
-    settings = {}
-
     def trl_trainer(**overrides):
-        """A GRPOTrainer on a fresh copy of the model, with its own generation batches; ``overrides`` change
-        TRL's defaults."""
+        """A GRPOTrainer on a fresh copy of the model, ready to step, with its own generation batches;
+        ``overrides`` change TRL's defaults."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = GRPOTrainer(model=load_model(None, device=device)[0], processing_class=tokenizer,
@@ -97,8 +96,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         if (trl_args.steps_per_generation, trl_args.generation_batch_size) != (1, PROMPTS_PER_STEP * GROUP_SIZE):
             raise RuntimeError(f"TRL batches generations differently than this benchmark assumes: steps_per_generation="
                                f"{trl_args.steps_per_generation}, generation_batch_size={trl_args.generation_batch_size}")
-        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-        trainer.current_gradient_accumulation_steps = 1
+        ready_for_steps(trainer, steps)
         # Trainer.train() passes num_items_in_batch; GRPO's loss ignores it (it counts tokens in its own batch).
         trainer.training_step = functools.partial(trainer.training_step, num_items_in_batch=None)
         their_batches = []  # generation batches: lists of 128 rows, each prompt G times in a row
@@ -106,16 +104,13 @@ def bench_grpo(args: argparse.Namespace) -> dict:
             their_batches.append(batch)
             if len(their_batches) == steps:
                 break
-        trainer.model.train()
-        settings["float32" if overrides else "defaults"] = trl_settings(trainer)
         return trainer, their_batches
 
     def run_ours():
         grpo_train(ours, tokenizer, rows, [correctness_reward], config)
 
-    # TRL with its own defaults (bf16 autocast; how `course-bench sft` times TRL — the settings its steps really
-    # ran with are reported), and TRL doing our arithmetic (float32, no checkpointing)
-    variants = {"defaults": trl_trainer(), "float32": trl_trainer(bf16=False, gradient_checkpointing=False)}
+    variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
+    settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
                                    repeats=args.repeats, sync=sync)
@@ -148,8 +143,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
-              "step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_theirs.items()}},
-              "step_ratio": {k: t_ours / t for k, t in t_theirs.items()},
+              **trl_step_times(t_ours, t_theirs, steps),
               "generation_s": [g_ours, g_theirs], "generation_tokens": [tokens["ours"], tokens["theirs"]],
               "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs, "trl_settings": settings}
     print(f"grpo · {result['device']} · embedded model · LoRA r=8 all-linear · {LOSS_TYPE} β={BETA} · "

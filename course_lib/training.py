@@ -17,8 +17,8 @@ the token mean over the accumulation window and over all devices, not a mean of 
 from __future__ import annotations
 
 import math
-import random
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal
