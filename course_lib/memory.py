@@ -29,14 +29,19 @@ def estimate_serving_memory_gb(n_params: float, bits: int = 16, overhead: float 
     return n_params * 4 / (32 / bits) * overhead / GB
 
 
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each shared tensor counted once."""
+def bytes_of(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by ``tensors``, a tensor sharing another's memory counted once."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each shared tensor counted once."""
+    return bytes_of([*model.parameters(), *model.buffers()])
 
 
 @dataclass
