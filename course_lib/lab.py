@@ -1,4 +1,4 @@
-"""The lab runner: ``course-lab [--profile cpu|gpu] [--model NAME_OR_PATH] [--only 00,03] [--out DIR]``.
+"""The lab runner: ``course-lab [--profile cpu|cpu-bf16|gpu] [--model NAME_OR_PATH] [--only 00,03] [--out DIR]``.
 
 Executes the lesson notebooks in a fresh Jupyter kernel each, papermill-style: a cell tagged
 ``parameters`` holds the defaults, and the runner inserts a cell right after it that overrides
@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .profile import PROFILES, get_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -190,7 +192,9 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="course-lab", description="Run the lesson notebooks and summarise them.")
-    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--profile", choices=list(PROFILES), default="cpu",
+                        help="cpu: float32, the same numbers on every CPU; cpu-bf16: opt-in bf16 autocast on CPUs "
+                             "with AMX/AVX-512 BF16; gpu: CUDA")
     parser.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
     parser.add_argument("--only", default=None, help="comma-separated lesson numbers, e.g. 00,03")
     parser.add_argument("--out", type=Path, default=ROOT / "lab_runs" / "latest", help="output folder")
@@ -198,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_only(args.only)
-        if args.profile == "gpu":
-            from .profile import get_profile
-
-            get_profile("gpu")
+        if args.profile != "cpu":
+            get_profile(args.profile)  # fails fast: no GPU, or no fast bf16 on this CPU
         if args.model is not None and not Path(args.model).expanduser().exists():
             from .models import _looks_like_path
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-PROFILES = ("cpu", "gpu")
+PROFILES = ("cpu", "cpu-bf16", "gpu")
 
 
 @lru_cache(maxsize=1)
@@ -39,9 +39,17 @@ class Profile:
 
 
 def get_profile(name: str = "cpu") -> Profile:
+    """``cpu``: float32 everywhere, so a lesson's numbers are the same on every CPU (its committed outputs
+    reproduce). ``cpu-bf16``: the opt-in for CPUs with AMX or AVX-512 BF16 — faster there, but the
+    numbers move (bf16 matmuls round differently); refused where the CPU has neither, since bf16
+    autocast is then slower than float32. ``gpu``: CUDA with bf16 autocast and 4x the steps."""
     if name == "cpu":
-        return Profile("cpu", torch.device("cpu"), torch.float32,
-                       torch.bfloat16 if cpu_has_fast_bf16() else None, 1)
+        return Profile("cpu", torch.device("cpu"), torch.float32, None, 1)
+    if name == "cpu-bf16":
+        if not cpu_has_fast_bf16():
+            raise RuntimeError("profile 'cpu-bf16' needs a CPU with AMX or AVX-512 BF16 (see the flags in "
+                               "/proc/cpuinfo); without them bf16 autocast is slower than float32: use profile 'cpu'")
+        return Profile("cpu-bf16", torch.device("cpu"), torch.float32, torch.bfloat16, 1)
     if name == "gpu":
         if not torch.cuda.is_available():
             raise RuntimeError("profile 'gpu' needs a CUDA GPU, and torch.cuda.is_available() is False: "

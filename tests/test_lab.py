@@ -3,6 +3,7 @@ import subprocess
 
 import nbformat
 import pytest
+import torch
 
 from course_lib.lab import SYLLABUS, format_table, inject_parameters, lesson_notebooks, run_notebook
 
@@ -139,3 +140,18 @@ def test_a_lesson_record_is_kept_for_later_lessons(tmp_path, monkeypatch):
     assert kept["headline"] == "second" and kept["metrics"] == {"seconds": 2.5, "table": {"a": 1}}
     assert kept["lesson"] == "06" and kept["recorded"][:4].isdigit() and "CPUs" in kept["machine"]
     assert recorded_metrics("07") is None and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["06.json"]
+
+
+def test_cpu_profile_is_float32_on_every_cpu_and_bf16_is_opt_in(monkeypatch):
+    """The committed numbers must reproduce on any CPU: the default cpu profile never autocasts, whatever the
+    CPU's flags; cpu-bf16 autocasts where the CPU has fast bf16 and is refused, naming the fix, elsewhere."""
+    from course_lib import profile
+
+    for fast in (True, False):
+        monkeypatch.setattr(profile, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert profile.get_profile("cpu").autocast_dtype is None
+        if fast:
+            assert profile.get_profile("cpu-bf16").autocast_dtype is torch.bfloat16
+        else:
+            with pytest.raises(RuntimeError, match="use profile 'cpu'"):
+                profile.get_profile("cpu-bf16")
