@@ -39,13 +39,17 @@ def data_format(rows: list[dict]) -> str:
     return kind
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None = None, *,
+                  answer_only_loss: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` with the loss on the completion
-    (prompt-completion rows) or on the assistant's turns (messages rows) — TRL's defaults."""
+    (prompt-completion rows; TRL's ``completion_only_loss``) or on the assistant's turns (messages rows;
+    TRL's ``assistant_only_loss``). ``answer_only_loss=False``: the loss on every real token (the
+    full-sequence loss), prompt included."""
     if data_format(rows) == "messages":
-        return tokenize_messages([r["messages"] for r in rows], tokenizer, max_length=max_length)
+        return tokenize_messages([r["messages"] for r in rows], tokenizer, max_length=max_length,
+                                 assistant_only_loss=answer_only_loss)
     return tokenize_prompt_and_completion([r["prompt"] for r in rows], [r["completion"] for r in rows],
-                                          tokenizer, max_length=max_length)
+                                          tokenizer, max_length=max_length, completion_only_loss=answer_only_loss)
 
 
 def sft_loss(model: nn.Module, batch: dict) -> LossSum:
@@ -58,13 +62,13 @@ def sft_loss(model: nn.Module, batch: dict) -> LossSum:
 
 
 def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool = False,
-                max_length: int | None = None, seed: int = 0) -> Callable[[int], dict]:
+                max_length: int | None = None, seed: int = 0, answer_only_loss: bool = True) -> Callable[[int], dict]:
     """Batch ``step`` → tensors; epochs reshuffle with ``seed``. Rows are tokenized once, up front, so
     errors surface before training starts. With ``packing`` each batch's examples are packed into rows
     of ``max_length`` tokens."""
     if packing and max_length is None:
         raise ValueError("packing needs max_length: the length of the packed rows")
-    examples = unpad(tokenize_rows(rows, tokenizer, max_length=max_length))
+    examples = unpad(tokenize_rows(rows, tokenizer, max_length=max_length, answer_only_loss=answer_only_loss))
     pad = tokenizer.pad_token_id
     order = ShuffledEpochs(len(examples), seed)
 
@@ -78,13 +82,16 @@ def sft_batches(rows: list[dict], tokenizer, batch_size: int, *, packing: bool =
 
 def run_sft(model: nn.Module, rows: list[dict], tokenizer, config: TrainConfig, *, batch_size: int = 16,
             full_finetune: bool = False, lora_targets="all-linear", r: int = 8, alpha: float = 16,
-            packing: bool = False, max_length: int | None = None, device=None, autocast_dtype=None) -> History:
-    """SFT ``model`` in place on ``rows`` (LoRA by default) with the shared loop; returns the history."""
+            packing: bool = False, max_length: int | None = None, answer_only_loss: bool = True, device=None,
+            autocast_dtype=None) -> History:
+    """SFT ``model`` in place on ``rows`` (LoRA by default) with the shared loop; returns the history.
+    ``answer_only_loss=False`` trains on the whole sequence, prompt included (:func:`tokenize_rows`)."""
     if not full_finetune:
         from .lora import add_lora
 
         add_lora(model, lora_targets, r=r, alpha=alpha)
-    batches = sft_batches(rows, tokenizer, batch_size, packing=packing, max_length=max_length, seed=config.seed)
+    batches = sft_batches(rows, tokenizer, batch_size, packing=packing, max_length=max_length, seed=config.seed,
+                          answer_only_loss=answer_only_loss)
     return train(model, batches, config, loss_fn=sft_loss, device=device, autocast_dtype=autocast_dtype)
 
 
@@ -95,14 +102,20 @@ def chat_prompt(messages: list[dict], tokenizer) -> str:
     return text.removeprefix(tokenizer.bos_token or "")
 
 
-def instruction_accuracy(model: nn.Module, tokenizer, rows: list[dict], *, max_new_tokens: int = 8) -> float:
-    """Exact match of the greedy answer (up to the end of its turn or first line) with the reference
-    assistant reply, over chat rows ``{"messages": [user, assistant]}``. The turn ends at the chat
-    template's own end-of-turn token (:func:`templates.end_of_turn_token`), whatever the model."""
+def instruction_replies(model: nn.Module, tokenizer, rows: list[dict], *, max_new_tokens: int = 8) -> list[str]:
+    """The greedy reply to each chat row's conversation without its last (assistant) message, up to the
+    end of its turn or first line, stripped. The turn ends at the chat template's own end-of-turn token
+    (:func:`templates.end_of_turn_token`), whatever the model."""
     from .evaluate import generate
 
     prompts = [chat_prompt(r["messages"][:-1], tokenizer) for r in rows]
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=("\n",),
                        stop_tokens=(end_of_turn_token(tokenizer),))
-    return sum(a.strip().lower() == r["messages"][-1]["content"].strip().lower()
-               for a, r in zip(answers, rows)) / len(rows)
+    return [a.strip() for a in answers]
+
+
+def instruction_accuracy(model: nn.Module, tokenizer, rows: list[dict], *, max_new_tokens: int = 8) -> float:
+    """Exact match (case-insensitive) of the greedy reply (:func:`instruction_replies`) with the reference
+    assistant reply, over chat rows ``{"messages": [user, assistant]}``."""
+    answers = instruction_replies(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    return sum(a.lower() == r["messages"][-1]["content"].strip().lower() for a, r in zip(answers, rows)) / len(rows)

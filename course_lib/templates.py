@@ -3,7 +3,8 @@
 * ``tokenize_prompt_and_completion`` — prompt/completion rows, labels −100 on prompt and padding;
 * ``tokenize_messages`` — chat rows through the tokenizer's chat template, loss on the assistant's turns;
 * ``FLAN_TEMPLATES`` / ``instruction_dataset`` — the corpus's tasks phrased by several templates, with
-  held-out templates and a held-out task (Wei et al. 2021, FLAN);
+  held-out templates and a held-out task (Wei et al. 2021, FLAN); each row names its item (``item_key``),
+  so "seen item" can be checked against a training set;
 * ``pack_examples`` — several examples per row, position ids restarting, no cross-example attention;
 * ``end_of_turn_token`` — the token the chat template closes an assistant turn with (where generation stops).
 
@@ -16,8 +17,11 @@ import torch
 
 
 def tokenize_prompt_and_completion(prompts: list[str], completions: list[str], tokenizer,
-                                   max_length: int | None = None, add_eos: bool = True) -> dict[str, torch.Tensor]:
+                                   max_length: int | None = None, add_eos: bool = True,
+                                   completion_only_loss: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (−100 on prompt and padding).
+    ``completion_only_loss=False`` keeps the prompt's labels too (full-sequence loss; TRL's
+    ``SFTConfig(completion_only_loss=False)``).
 
     The prompt is tokenized alone and the completion's ids follow it, so the boundary is exact
     (tokenizing the concatenated text could merge the last prompt and first completion characters).
@@ -37,7 +41,8 @@ def tokenize_prompt_and_completion(prompts: list[str], completions: list[str], t
         ids = prompt_ids + completion_ids
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"row {i}: {len(ids)} tokens (prompt {len(prompt_ids)}), over max_length={max_length}")
-        rows.append((ids, [-100] * len(prompt_ids) + completion_ids))
+        prompt_labels = [-100] * len(prompt_ids) if completion_only_loss else prompt_ids
+        rows.append((ids, prompt_labels + completion_ids))
     return pad_right(rows, tokenizer.pad_token_id)
 
 
@@ -80,36 +85,55 @@ def render_template(template: str, row: dict) -> str:
 
 
 def task_rows(task: str, split: str, *, n: int | None = None, seed: int = 0) -> list[dict]:
-    """The rows of one task ({fields…, "answer"}), split by item so held-out items are never trained on."""
+    """At most ``n`` rows of one task ({fields…, "answer"}), split by item so held-out items are never
+    trained on. ``n=None``: every item of the fact tasks, 64 of the sentiment and addition tasks (whose
+    items are thousands of stories and sums). ``n`` caps every task alike, so a dataset built with a
+    smaller ``n`` keeps its task mix: tasks with fewer items than ``n`` give all they have (in their
+    fixed order); the others give a ``seed``-chosen sample. The same (``n``, ``seed``) gives the same items."""
+    import random
+
     from . import data
+
+    if n is not None and (not isinstance(n, int) or n <= 0):
+        raise ValueError(f"n (rows per task) must be a positive int or None, got {n!r}")
 
     def keep(key: str) -> bool:
         return data.split_of(f"flan:{task}:{key}", heldout_percent=25) == split
+
+    def at_most_n(items: list[dict]) -> list[dict]:
+        return items if n is None or n >= len(items) else random.Random(seed).sample(items, n)
 
     if task == "sentiment":
         return [{"story": r["story"], "answer": r["label"]}
                 for r in data.sentiment_examples(n or 64, seed=seed, split=split)]
     if task == "opposite":
-        return [{"word": w, "answer": o} for w, o in data.OPPOSITES.items() if keep(w)]
+        return at_most_n([{"word": w, "answer": o} for w, o in data.OPPOSITES.items() if keep(w)])
     if task == "colour":
-        return [{"thing": t, "answer": c} for t, c in data.COLOURS.items() if keep(t)]
+        return at_most_n([{"thing": t, "answer": c} for t, c in data.COLOURS.items() if keep(t)])
     if task == "sound":
-        return [{"animal": a, "answer": s} for a, s in data.SOUNDS.items() if keep(a)]
+        return at_most_n([{"animal": a, "answer": s} for a, s in data.SOUNDS.items() if keep(a)])
     if task == "baby":
-        return [{"animal": a, "answer": b} for a, b in data.BABIES.items()]
+        return at_most_n([{"animal": a, "answer": b} for a, b in data.BABIES.items()])
     if task == "addition":
         pairs = data.addition_pairs(split)
-        import random
-
         picked = random.Random(seed).sample(pairs, min(n or 64, len(pairs)))
         return [{"a": a, "b": b, "answer": str(a + b)} for a, b in picked]
     raise KeyError(f"unknown task {task!r}; tasks are {sorted(FLAN_TEMPLATES)}")
 
 
+def item_key(task: str, item: dict) -> str:
+    """The identity of a task's item (its fields without the answer), e.g. ``'opposite {"word": "hot"}'``:
+    what "this item was trained on" means, whatever template phrased it."""
+    import json
+
+    return f"{task} " + json.dumps({k: v for k, v in item.items() if k != "answer"}, sort_keys=True)
+
+
 def instruction_dataset(tasks, split: str = "train", templates: str = "train", *, per_task: int = 64,
                         seed: int = 0) -> list[dict]:
-    """Chat-format rows ``{"messages": [user, assistant], "task", "template"}``: each task row phrased by
-    each of the chosen templates ("train" or "heldout"), shuffled with ``seed``."""
+    """Chat-format rows ``{"messages": [user, assistant], "task", "template", "item"}``: each task row
+    (:func:`task_rows`, at most ``per_task`` per task) phrased by each of the chosen templates ("train" or
+    "heldout"), shuffled with ``seed``. ``item`` is :func:`item_key`: the same for every phrasing of an item."""
     import random
 
     rows = []
@@ -123,7 +147,7 @@ def instruction_dataset(tasks, split: str = "train", templates: str = "train", *
                                           # a leading space: this byte-level BPE knows " happy" as one
                                           # token, "happy" only as letters (h·a·ppy)
                                           {"role": "assistant", "content": " " + item["answer"]}],
-                             "task": task, "template": f"{templates}{t}"})
+                             "task": task, "template": f"{templates}{t}", "item": item_key(task, item)})
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -131,10 +155,12 @@ def instruction_dataset(tasks, split: str = "train", templates: str = "train", *
 # ------------------------------------------------------------------------------------------------
 # Chat data: the assistant-only loss
 # ------------------------------------------------------------------------------------------------
-def tokenize_messages(conversations: list[list[dict]], tokenizer, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def tokenize_messages(conversations: list[list[dict]], tokenizer, max_length: int | None = None,
+                      assistant_only_loss: bool = True) -> dict[str, torch.Tensor]:
     """Render each conversation with the tokenizer's chat template and keep the loss on the assistant's
-    tokens only (the template's ``{% generation %}`` spans). Right-padded like
-    :func:`tokenize_prompt_and_completion`. Errors name the row."""
+    tokens only (the template's ``{% generation %}`` spans; TRL's ``assistant_only_loss=True``), or, with
+    ``assistant_only_loss=False``, on every token (full-sequence loss, TRL's default for chat data).
+    Right-padded like :func:`tokenize_prompt_and_completion`. Errors name the row."""
     rows = []
     for i, messages in enumerate(conversations):
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
@@ -151,7 +177,7 @@ def tokenize_messages(conversations: list[list[dict]], tokenizer, max_length: in
                              f"template without {{% generation %}} markers)")
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"row {i}: {len(ids)} tokens, over max_length={max_length}")
-        rows.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
+        rows.append((ids, [t if m or not assistant_only_loss else -100 for t, m in zip(ids, mask)]))
     return pad_right(rows, tokenizer.pad_token_id)
 
 

@@ -31,7 +31,55 @@ def pack_ok(a, b, max_length, pad):
     return {"input_ids": ids + [pad] * n, "labels": labels + [-100] * n, "position_ids": positions + [0] * n}
 
 
-RIGHT = {"05.1": chat_ok, "05.2": labels_ok, "05.3": mask_ok, "05.4": pack_ok}
+def pack_rows_given(examples, max_length, pad_id, restart=False, mask_first=False, one_per_row=False, pad_label=-100):
+    """The notebook's given packing (best fit, longest first) with its two planted bugs; the switches fix them."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows, space = [], []
+    for i in order:
+        need = len(examples[i]["input_ids"])
+        fits = [] if one_per_row else [r for r in range(len(rows)) if space[r] >= need]
+        if fits:
+            r = min(fits, key=lambda r: space[r])
+            rows[r].append(i)
+            space[r] -= need
+        else:
+            rows.append([i])
+            space.append(max_length - need)
+    packed = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            ids += examples[i]["input_ids"]
+            labels += ([-100] + examples[i]["labels"][1:]) if mask_first else examples[i]["labels"]
+            positions += list(range(len(examples[i]["input_ids"]))) if restart else list(range(len(positions), len(ids)))
+        padding = max_length - len(ids)
+        packed["input_ids"].append(ids + [pad_id] * padding)
+        packed["labels"].append(labels + [pad_label] * padding)
+        packed["position_ids"].append(positions + [0] * padding)
+    return packed
+
+
+def pack_rows_ok(examples, max_length, pad_id):
+    return pack_rows_given(examples, max_length, pad_id, restart=True, mask_first=True)
+
+
+def pack_rows_positions_unfixed(examples, max_length, pad_id):
+    return pack_rows_given(examples, max_length, pad_id, mask_first=True)
+
+
+def pack_rows_labels_unfixed(examples, max_length, pad_id):
+    return pack_rows_given(examples, max_length, pad_id, restart=True)
+
+
+def pack_rows_one_per_row(examples, max_length, pad_id):
+    return pack_rows_given(examples, max_length, pad_id, restart=True, mask_first=True, one_per_row=True)
+
+
+def pack_rows_pad_labels(examples, max_length, pad_id):
+    return pack_rows_given(examples, max_length, pad_id, restart=True, mask_first=True, pad_label=pad_id)
+
+
+RIGHT = {"05.1": chat_ok, "05.2": labels_ok, "05.3": mask_ok, "05.4": pack_ok, "05.5": pack_rows_ok}
 
 
 def chat_no_space(template, row):
@@ -138,4 +186,7 @@ CATALOGUE = [
     ("05.3", mask_first_turn_only, "every assistant turn"), ("05.3", mask_everything, "must be 0"),
     ("05.4", pack_positions_continue, "not restarted"), ("05.4", pack_seam_unmasked, "second example"),
     ("05.4", pack_pad_labels, "padding"),
+    ("05.5", pack_rows_given, "both planted bugs"),
+    ("05.5", pack_rows_positions_unfixed, "do not restart"), ("05.5", pack_rows_labels_unfixed, "keeps its label"),
+    ("05.5", pack_rows_one_per_row, "rows where"), ("05.5", pack_rows_pad_labels, "padding must have label"),
 ]

@@ -51,6 +51,28 @@ def test_messages_labels_and_loss_equal_trl_assistant_only(embedded):
     assert tokenizer.decode(first) == rows[0]["messages"][1]["content"] + "<|end|>"
 
 
+def test_full_sequence_labels_equal_trl_without_the_answer_only_masks(embedded):
+    """answer_only_loss=False: TRL's assistant_only_loss=False (chat rows) and completion_only_loss=False
+    (prompt/completion rows) — every real token is a label, padding is not."""
+    model, tokenizer = embedded
+    chats = [{"messages": r["messages"]} for r in _rows()[:6]]
+    pairs = [{"prompt": r["messages"][0]["content"] + "\nAnswer:", "completion": r["messages"][1]["content"]}
+             for r in _rows()[:6]]
+    for rows, config in ((chats, {"assistant_only_loss": False}), (pairs, {"completion_only_loss": False})):
+        theirs, their_loss = _trl_batch(model, tokenizer, rows, **config)
+        ours = tokenize_rows(rows, tokenizer, answer_only_loss=False)
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(ours[key], theirs[key]), key
+        real = ours["attention_mask"].bool()
+        assert torch.equal(ours["labels"][real], ours["input_ids"][real]) and (ours["labels"][~real] == -100).all()
+        with torch.no_grad():
+            torch.testing.assert_close(sft_loss(model, ours).mean(), their_loss, rtol=1e-6, atol=0)
+    # the answer-only labels are the full-sequence labels with everything but the answers masked
+    answer_only, full = tokenize_rows(chats, tokenizer), tokenize_rows(chats, tokenizer, answer_only_loss=False)
+    kept = answer_only["labels"] != -100
+    assert torch.equal(answer_only["labels"][kept], full["labels"][kept]) and kept.sum() < (full["labels"] != -100).sum()
+
+
 def test_prompt_completion_labels_and_loss_equal_trl_completion_only(embedded):
     model, tokenizer = embedded
     rows = [{"prompt": r["messages"][0]["content"] + "\nAnswer:", "completion": r["messages"][1]["content"]}
@@ -111,6 +133,37 @@ def test_flan_templates_cover_tasks_and_hold_out_templates_and_a_task():
         assert unseen and seen and seen.isdisjoint(unseen)  # held-out items are never trained on
     with pytest.raises(KeyError, match=r"needs field\(s\) \['word'\]"):
         render_template("Opposite of {word}:", {"thing": "sky"})
+
+
+def test_per_task_caps_every_task_so_a_smaller_set_keeps_the_task_mix():
+    """per_task is honoured by every task (it once was ignored by opposite, colour and sound, so a
+    smaller set was mostly short-answer tasks)."""
+    from collections import Counter
+
+    from course_lib.templates import FLAN_TEMPLATES, HELDOUT_TASKS, task_rows
+
+    tasks = [t for t in FLAN_TEMPLATES if t not in HELDOUT_TASKS]
+    for task in [*tasks, "baby"]:
+        for n in (1, 5, 9):
+            rows = task_rows(task, "train", n=n, seed=3)
+            assert len(rows) == n, (task, n)  # every task has at least 9 training items
+            assert rows == task_rows(task, "train", n=n, seed=3)  # deterministic in the seed
+            if task in ("opposite", "colour", "sound", "baby"):  # a sample of the task's fixed items, split kept
+                assert all(r in task_rows(task, "train") for r in rows)
+    assert len(task_rows("opposite", "train", n=10_000)) == len(task_rows("opposite", "train"))  # all it has
+    small = Counter(r["task"] for r in instruction_dataset(tasks, per_task=5, seed=1))
+    assert set(small.values()) == {5 * 3}, small  # 5 items × 3 templates, every task alike
+    with pytest.raises(ValueError, match="n \\(rows per task\\) must be a positive int"):
+        task_rows("opposite", "train", n=0)
+
+
+def test_rows_name_their_item_the_same_under_every_template():
+    train = instruction_dataset(["opposite", "addition"], "train", "train", per_task=4, seed=2)
+    held = instruction_dataset(["opposite", "addition"], "train", "heldout", per_task=4, seed=2)
+    items = {r["item"] for r in train}
+    assert len(items) == 8 and all(sum(r["item"] == i for r in train) == 3 for i in items)  # 3 phrasings each
+    assert {r["item"] for r in held} == items  # same per_task and seed: the same items, new phrasings
+    assert any('"word": ' in i for i in items) and all("answer" not in i for i in items)
 
 
 def test_bad_rows_get_errors_that_name_the_row(embedded):

@@ -26,8 +26,8 @@ def check_to_chat(to_chat) -> str:
         if row["answer"] in got[0]["content"] and row["answer"] not in want[0]["content"]:
             raise CheckFailed("the answer leaked into the user's message: the instruction must not contain it")
         if got[1]["content"] == row["answer"]:
-            raise CheckFailed("the answer needs a leading space (' cold'): this BPE knows ' cold' as one token, "
-                              "'cold' only as pieces")
+            raise CheckFailed("the answer needs a leading space (' cold'), as the pretraining corpus wrote answers "
+                              "after 'A:': this BPE knows ' cold' as one token, 'cold' only as pieces")
         expect(got[0]["content"], want[0]["content"], what="user message")
         expect(got[1]["content"], want[1]["content"], what="assistant message")
     try:
@@ -155,9 +155,113 @@ def check_pack_two(pack_two) -> str:
     return "one row: positions restart, the seam and the padding are −100"
 
 
+# ---------------------------------------------------------------------------------------------
+# 05.5 pack_rows(examples, max_length, pad_id) -> {"input_ids", "labels", "position_ids"}: lists of rows
+# (debug: the notebook gives a version with two planted bugs; graded by behaviour)
+# ---------------------------------------------------------------------------------------------
+def check_pack_rows(pack_rows) -> str:
+    import torch
+
+    from ..models import load_model
+    from ..sft import sft_loss
+    from ..templates import pack_examples, pad_right
+
+    model, tokenizer = load_model(None, device="cpu")
+    pad = tokenizer.pad_token_id
+    texts = ["Once upon a time, there was a cat named Tom.", "The sky is blue.", "Opposite of hot: cold",
+             "Lily was a happy dog.", "3 + 4 = 7"]
+    full = [{"input_ids": tokenizer(t)["input_ids"]} for t in texts]
+    for e in full:  # full-sequence labels: every token is trained, the first one too
+        e["labels"] = list(e["input_ids"])
+    answer_only = [{"input_ids": e["input_ids"], "labels": [-100] * (len(e["input_ids"]) - 2) + e["input_ids"][-2:]}
+                   for e in full]
+    width = max(len(e["input_ids"]) for e in full)
+    for examples, max_length, kind in ((full, 2 * width, "full-sequence labels"), (answer_only, width + 4, "answer-only labels"),
+                                       (full[:1], width, "one example")):
+        got = pack_rows([{k: list(v) for k, v in e.items()} for e in examples], max_length, pad)
+        if not isinstance(got, dict) or not {"input_ids", "labels", "position_ids"} <= set(got):
+            raise CheckFailed("return a dict with input_ids, labels and position_ids (each a list of rows)")
+        got = {k: [list(r.tolist() if hasattr(r, "tolist") else r) for r in got[k]] for k in ("input_ids", "labels", "position_ids")}
+        right = {k: v.tolist() for k, v in pack_examples(examples, max_length, pad).items()}
+        if got == right:
+            continue
+        wrong = {
+            "both planted bugs are still there: compare the packed loss with the padded one": (False, False),
+            "position ids do not restart at 0 for each example, so each example attends to the examples packed "
+            "before it in the row (transformers reads a restart as 'a new sequence begins')": (False, True),
+            "the first token of each example keeps its label: in a packed row it would be predicted from the "
+            "previous example's last token, which is not its context": (True, False),
+        }
+        for explanation, (restart, mask_first) in wrong.items():
+            if got == _planted(examples, max_length, pad, restart, mask_first):
+                raise CheckFailed(f"{kind}: {explanation}")
+        rows = got["input_ids"]
+        if any(len(r) != max_length for k in got for r in got[k]):
+            raise CheckFailed(f"{kind}: every row must have exactly max_length={max_length} tokens (pad the end)")
+        if len(rows) > len(right["input_ids"]):
+            raise CheckFailed(f"{kind}: {len(rows)} rows where {len(right['input_ids'])} suffice: put each example "
+                              f"into a row where it still fits before opening a new one (longest first)")
+        segments = []
+        for ids, labels, positions in zip(got["input_ids"], got["labels"], got["position_ids"]):
+            t = 0
+            while t < len(ids):
+                end = t + 1
+                while end < len(ids) and positions[end] == positions[end - 1] + 1 and positions[end] != 0:
+                    end += 1
+                if positions[t] != 0:
+                    raise CheckFailed(f"{kind}: each example's position ids must start at 0")
+                segments.append((ids[t:end], labels[t:end]))
+                t = end
+        found = [s for s in segments if not all(i == pad for i in s[0])]
+        want = sorted(e["input_ids"] for e in examples)
+        if sorted(s[0] for s in found) != want:
+            raise CheckFailed(f"{kind}: every example must sit whole in one row, its position ids counting 0, 1, 2, … "
+                              f"from its first token and restarting at the next example")
+        if any(lab != -100 for s in segments if all(i == pad for i in s[0]) for lab in s[1]):
+            raise CheckFailed(f"{kind}: padding must have label −100, not the pad id")
+        for ids, labels in found:
+            e = next(e for e in examples if e["input_ids"] == ids)
+            if labels != [-100] + e["labels"][1:]:
+                raise CheckFailed(f"{kind}: inside a row an example keeps its own labels, except its first token (−100)")
+        with torch.no_grad():
+            padded = sft_loss(model, pad_right([(e["input_ids"], e["labels"]) for e in examples], pad)).item()
+            packed = sft_loss(model, {k: torch.tensor(v) for k, v in got.items()}).item()
+        if abs(packed - padded) > 1e-4:
+            raise CheckFailed(f"{kind}: the packed loss {packed:.5f} differs from the padded loss {padded:.5f}")
+    return "positions restart and each example's first label is −100: the packed loss equals the padded one"
+
+
+def _planted(examples, max_length, pad_id, restart_positions: bool, mask_first_label: bool) -> dict:
+    """The notebook's given packing (best fit, longest first, as pack_examples) with either of its two bugs."""
+    from ..templates import pack_examples
+
+    right = {k: v.tolist() for k, v in pack_examples(examples, max_length, pad_id).items()}
+    if restart_positions and mask_first_label:
+        return right
+    # rebuild each row from its examples: pack_examples keeps them in order, each starts where a position is 0
+    by_ids = {tuple(e["input_ids"]): e for e in examples}
+    out = {"input_ids": right["input_ids"], "labels": [], "position_ids": []}
+    for ids, positions in zip(right["input_ids"], right["position_ids"]):
+        labels, new_positions, t = [], [], 0
+        while t < len(ids):
+            match = next((e for k, e in by_ids.items() if list(k) == ids[t:t + len(k)] and positions[t] == 0
+                          and positions[t:t + len(k)] == list(range(len(k)))), None)
+            if match is None:
+                break
+            n = len(match["input_ids"])
+            labels += (([-100] + match["labels"][1:]) if mask_first_label else list(match["labels"]))
+            new_positions += list(range(t, t + n)) if not restart_positions else list(range(n))
+            t += n
+        padding = len(ids) - t
+        out["labels"].append(labels + [-100] * padding)
+        out["position_ids"].append(new_positions + [0] * padding)
+    return out
+
+
 EXERCISES = [
     Exercise("05.1", "render a FLAN template as a chat", ("to_chat",), check_to_chat),
     Exercise("05.2", "labels with the prompt masked", ("completion_labels",), check_completion_labels),
     Exercise("05.3", "assistant-only mask from a chat template", ("assistant_mask",), check_assistant_mask),
     Exercise("05.4", "pack two examples", ("pack_two",), check_pack_two),
+    Exercise("05.5", "debug a packing collator", ("pack_rows",), check_pack_rows),
 ]
