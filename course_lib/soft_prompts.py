@@ -4,21 +4,24 @@ All three learn a handful of *virtual tokens* and leave every weight of the mode
 
 * **prompt tuning** (Lester et al. 2021): ``NV`` free vectors ``P ∈ R^{NV×d}`` are put in front of the
   input embeddings, ``h⁰ = [P ; E(x)]``;
-* **P-tuning** (Liu et al. 2021): the same, but ``P = MLP(E_v)`` — an encoder over free vectors, which
-  reparameterises them (peft's MLP: Linear-ReLU-Linear-ReLU-Linear);
+* **P-tuning** (Liu et al. 2021): the same, but ``P = f(E_v)`` — an encoder over free vectors, which
+  reparameterises them: peft's MLP (Linear-ReLU-Linear-ReLU-Linear) or the paper's bidirectional LSTM
+  followed by a two-layer MLP, so that each virtual token depends on all the others (Liu et al., §3);
 * **prefix tuning** (Li & Liang 2021): learned keys and values ``(K_p, V_p)`` for *every* layer, so
   ``attn(q, [K_p; K], [V_p; V])``; optionally reparameterised by ``MLP(E_v)`` (``prefix_projection``).
 
 The conventions follow peft (``PeftModelForCausalLM.forward``) so that logits and losses are the same:
 the attention mask gains ``NV`` ones on the left, labels gain ``NV`` × −100, prompt-tuned logits include
 the virtual positions ``(B, NV+L, V)``, prefix-tuned ones do not ``(B, L, V)`` and real tokens sit at
-positions ``NV … NV+L−1``. Parameter names match peft's prompt encoders, and ``save_adapter`` writes
+positions ``NV … NV+L−1`` (given ``position_ids`` are shifted by ``NV`` for a prefix; prompt tuning and
+P-tuning ignore them with a warning, as peft does). Parameter names match peft's prompt encoders, and ``save_adapter`` writes
 peft's file (one tensor, ``prompt_embeddings``: the encoder's output).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +64,25 @@ class PromptEncoderMLP(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.mlp_head(self.embedding.weight)  # (NV, d)
+
+
+class PromptEncoderLSTM(nn.Module):
+    """P-tuning as in Liu et al. 2021 (§3, eq. for ``h_i``): a bidirectional LSTM reads the ``NV`` free
+    vectors as one sequence, so each virtual token depends on all the others, then a two-layer MLP maps
+    ``[→h_i ; ←h_i]`` back to the model's width — peft's ``encoder_reparameterization_type="LSTM"``."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, hidden_size: int, num_layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
+        self.lstm_head = nn.LSTM(input_size=token_dim, hidden_size=hidden_size, num_layers=num_layers,
+                                 dropout=dropout, bidirectional=True, batch_first=True)
+        self.mlp_head = nn.Sequential(nn.Linear(2 * hidden_size, 2 * hidden_size), nn.ReLU(),
+                                      nn.Linear(2 * hidden_size, token_dim))
+
+    def forward(self) -> torch.Tensor:
+        sequence = self.embedding.weight.unsqueeze(0)  # (1, NV, d): the NV tokens read as one sequence
+        return self.mlp_head(self.lstm_head(sequence)[0])[0]  # (1, NV, 2h) → (NV, d)
 
 
 class PrefixEncoder(nn.Module):
@@ -121,10 +143,20 @@ def split_prefix(prefix: torch.Tensor, num_layers: int, num_key_value_heads: int
     return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
 
 
-def text_init_ids(token_ids: list[int], num_virtual_tokens: int) -> list[int]:
-    """peft's TEXT init: the text's ids repeated cyclically up to ``num_virtual_tokens``, or cut to it."""
+def text_init_ids(token_ids: list[int], num_virtual_tokens: int, decode=None) -> list[int]:
+    """peft's TEXT init: the text's ids repeated cyclically up to ``num_virtual_tokens``, or cut to it.
+
+    peft cuts a longer text silently; here the cut warns (``UserWarning``), naming what is lost (through
+    ``decode(ids) -> str`` when given): a description whose task words fall past ``num_virtual_tokens``
+    never reaches the prompt."""
     if not token_ids:
         raise ValueError("init_text tokenizes to no tokens")
+    if len(token_ids) > num_virtual_tokens:
+        dropped = list(token_ids[num_virtual_tokens:])
+        lost = f" ({decode(dropped)!r})" if decode is not None else ""
+        warnings.warn(f"the init text has {len(token_ids)} tokens but num_virtual_tokens is {num_virtual_tokens}: its "
+                      f"last {len(dropped)} tokens{lost} are cut and never reach the prompt (peft cuts it the same way, "
+                      f"silently); use num_virtual_tokens={len(token_ids)} or a shorter text", UserWarning, stacklevel=3)
     return (list(token_ids) * (num_virtual_tokens // len(token_ids) + 1))[:num_virtual_tokens]
 
 
@@ -190,7 +222,7 @@ class SoftPromptModel(nn.Module):
                              f"{sorted(configs)} and lengths {sorted(sizes)}")
         config = self.prompt_config[distinct[0]]
         if len(distinct) == 1 and config["method"] == "prefix" and config.get("prefix_projection"):
-            return config, self.prompts[distinct[0]](batch_size=batch_size)  # (B, NV, D)
+            return config, self.prompts[distinct[0]](batch_size=batch_size)  # (B, NV, D), row by row as peft
         tokens = {n: self.virtual_tokens(n) for n in distinct}  # each encoder runs once per batch
         if len(distinct) == 1:
             stacked = tokens[distinct[0]].unsqueeze(0).expand(batch_size, -1, -1)  # (B, NV, D)
@@ -210,6 +242,13 @@ class SoftPromptModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         config, virtual = self._per_row(batch_size, prompt_names)
+        if kwargs.get("position_ids") is not None:
+            if config["method"] == "prefix":  # the real tokens come after NV cached positions
+                kwargs["position_ids"] = kwargs["position_ids"] + virtual.shape[1]
+            else:  # peft: prompt tuning and P-tuning have no positions for the virtual tokens
+                warnings.warn("position_ids are ignored with prompt tuning and P-tuning (as peft ignores them): "
+                              "the sequence [P ; E(x)] takes positions 0 … NV+L−1", UserWarning, stacklevel=2)
+                kwargs["position_ids"] = None
         if config["method"] == "prefix":
             if attention_mask is not None:  # the cached prefix is attended to like NV real tokens
                 attention_mask = torch.cat([attention_mask.new_ones(batch_size, virtual.shape[1]), attention_mask], 1)
@@ -235,11 +274,15 @@ def _shape(model: nn.Module) -> dict:
 
 def add_soft_prompt(model: nn.Module, method: Method = "prompt", num_virtual_tokens: int = 20, *,
                     name: str = "default", init_text: str | None = None, tokenizer=None,
-                    encoder_hidden_size: int | None = None, prefix_projection: bool = False) -> SoftPromptModel:
+                    encoder_hidden_size: int | None = None, prefix_projection: bool = False,
+                    encoder_type: Literal["MLP", "LSTM"] = "MLP", encoder_num_layers: int = 2,
+                    encoder_dropout: float = 0.0) -> SoftPromptModel:
     """Freeze ``model`` (or reuse a :class:`SoftPromptModel`) and add a soft prompt called ``name``.
 
     ``init_text`` (prompt tuning only) starts the virtual tokens from the word embeddings of that text's
-    token ids, repeated cyclically to ``num_virtual_tokens`` or cut to it (peft's ``PromptTuningInit.TEXT``).
+    token ids, repeated cyclically to ``num_virtual_tokens`` or cut to it (peft's ``PromptTuningInit.TEXT``;
+    a cut warns, see :func:`text_init_ids`). P-tuning's encoder is peft's MLP or, with
+    ``encoder_type="LSTM"``, its bidirectional LSTM (``encoder_num_layers``, ``encoder_dropout``) + MLP.
     Returns the wrapper; the new prompt is active.
     """
     if method not in PEFT_TYPES:
@@ -257,7 +300,7 @@ def add_soft_prompt(model: nn.Module, method: Method = "prompt", num_virtual_tok
         if tokenizer is None:
             raise ValueError("init_text needs the tokenizer that turns it into token ids")
         # with special tokens (a BOS here), exactly as peft does
-        ids = text_init_ids(tokenizer(init_text)["input_ids"], num_virtual_tokens)
+        ids = text_init_ids(tokenizer(init_text)["input_ids"], num_virtual_tokens, decode=tokenizer.decode)
         embeddings = wrapper.base_model.get_input_embeddings().weight
         init = embeddings[torch.tensor(ids, device=embeddings.device)]
         encoder = PromptEmbedding(num_virtual_tokens, shape["token_dim"], init=init)
@@ -265,9 +308,16 @@ def add_soft_prompt(model: nn.Module, method: Method = "prompt", num_virtual_tok
     elif method == "prompt":
         encoder = PromptEmbedding(num_virtual_tokens, shape["token_dim"])
     elif method == "p-tuning":
+        if encoder_type not in ("MLP", "LSTM"):
+            raise ValueError(f"encoder_type {encoder_type!r}: P-tuning's encoder is 'MLP' or 'LSTM' (peft's two)")
         hidden = encoder_hidden_size or shape["token_dim"]
-        encoder = PromptEncoderMLP(num_virtual_tokens, shape["token_dim"], hidden)
+        if encoder_type == "LSTM":
+            encoder = PromptEncoderLSTM(num_virtual_tokens, shape["token_dim"], hidden, encoder_num_layers,
+                                        encoder_dropout)
+        else:
+            encoder = PromptEncoderMLP(num_virtual_tokens, shape["token_dim"], hidden)
         config["encoder_hidden_size"] = hidden
+        config["encoder_type"] = encoder_type
     else:
         encoder = PrefixEncoder(num_virtual_tokens, shape["num_layers"], shape["kv_dim"],
                                 projection=prefix_projection, hidden_size=encoder_hidden_size)
@@ -292,7 +342,8 @@ def _peft_config(config: dict) -> dict:
     if config["method"] == "prompt":
         out["prompt_tuning_init"] = "RANDOM"
     elif config["method"] == "p-tuning":
-        out.update(encoder_reparameterization_type="MLP", encoder_hidden_size=config["encoder_hidden_size"])
+        out.update(encoder_reparameterization_type=config.get("encoder_type", "MLP"),
+                   encoder_hidden_size=config["encoder_hidden_size"])
     else:
         out.update(prefix_projection=False, encoder_hidden_size=config["encoder_hidden_size"])
     return out

@@ -14,6 +14,9 @@ CASES = {  # id: (our method, our kwargs, peft config)
     "prompt": ("prompt", {}, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV)),
     "p-tuning": ("p-tuning", {"encoder_hidden_size": 16},
                  PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV, encoder_hidden_size=16)),
+    "p-tuning-lstm": ("p-tuning", {"encoder_hidden_size": 12, "encoder_type": "LSTM"},
+                      PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV, encoder_hidden_size=12,
+                                          encoder_reparameterization_type="LSTM")),
     "prefix": ("prefix", {}, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV)),
     "prefix-projection": ("prefix", {"prefix_projection": True, "encoder_hidden_size": 24},
                           PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV, prefix_projection=True,
@@ -85,6 +88,50 @@ def test_text_init_equals_peft(embedded, tmp_path):
                                    rtol=0, atol=0)
 
 
+def test_init_text_longer_than_the_prompt_warns_and_is_cut_as_peft_cuts_it(embedded):
+    """peft cuts a text longer than num_virtual_tokens without a word; course_lib cuts it the same way
+    (equal embeddings) and warns, naming the lost words and the fix."""
+    model, tokenizer = embedded
+    text = "How does the story end? happy or sad"  # 13 tokens with the BOS: the task words come last
+    assert len(tokenizer(text)["input_ids"]) == 13
+    with pytest.warns(UserWarning, match=r"13 tokens but num_virtual_tokens is 10.*happy or sad.*num_virtual_tokens=13"):
+        ours = add_soft_prompt(_copy(model), "prompt", 10, init_text=text, tokenizer=tokenizer)
+    theirs = get_peft_model(_copy(model), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=10, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(model.config._name_or_path)))
+    torch.testing.assert_close(ours.virtual_tokens(), theirs.prompt_encoder["default"].embedding.weight, rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a text that fits (or is repeated) says nothing
+        add_soft_prompt(_copy(model), "prompt", 13, init_text=text, tokenizer=tokenizer)
+        add_soft_prompt(_copy(model), "prompt", 20, init_text=text, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("case", ["prompt", "prefix"])
+def test_given_position_ids_are_handled_as_peft_handles_them(case):
+    """A prefix shifts given position_ids by NV (the real tokens follow NV cached positions); prompt tuning
+    ignores them with a warning. Both as peft does, so packed or offset positions give peft's logits."""
+    ours, theirs = _pair(case)
+    ids, mask, _ = _batch()
+    positions = torch.arange(7).expand(3, -1) + 2  # (B, L), not starting at 0
+    with torch.no_grad(), pytest.warns(UserWarning) if case == "prompt" else _nothing():
+        a = ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    with torch.no_grad(), pytest.warns(UserWarning) if case == "prompt" else _nothing():
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if case == "prefix":  # and the shift matters: unshifted positions give other logits
+        with torch.no_grad():
+            plain = ours(input_ids=ids, attention_mask=mask).logits
+        assert (a - plain).abs().max() > 1e-3
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def _copy(model):
     import copy
 
@@ -105,8 +152,9 @@ def test_peft_files_move_both_ways(case, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     back = load_adapter(tiny_llama(), tmp_path / "peft")
     # A projected prefix is saved as the MLP's output for one row; live, the MLP runs on B rows, and
-    # the matmul blocking differs in the last bit — in peft as well as here.
-    tol = 1e-6 if case == "prefix-projection" else 0
+    # the matmul blocking differs in the last bit — in peft as well as here. The LSTM's saved output
+    # (computed with autograd on) and its live output (under no_grad) take different LSTM kernels.
+    tol = 1e-6 if case in ("prefix-projection", "p-tuning-lstm") else 0
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
                                    ours(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=tol)
@@ -152,6 +200,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
         add_soft_prompt(tiny_llama(), "lora", 4)
     with pytest.raises(ValueError, match="needs the tokenizer"):
         add_soft_prompt(tiny_llama(), "prompt", 4, init_text="hello")
+    with pytest.raises(ValueError, match="'MLP' or 'LSTM'"):
+        add_soft_prompt(tiny_llama(), "p-tuning", 4, encoder_type="GRU")
     model = add_soft_prompt(tiny_llama(), "prompt", NV)
     ids, mask, _ = _batch()
     with pytest.raises(KeyError, match="no soft prompt named 'nope'"):
