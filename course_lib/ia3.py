@@ -144,6 +144,21 @@ def unmerge_ia3(model: nn.Module, name: str | None = None) -> None:
         layer.unmerge(name)
 
 
+def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold ``name`` (None: each layer's active vectors) into the weights and put each layer's plain base
+    ``nn.Linear`` back in place of its :class:`IA3Linear` (peft's ``merge_and_unload``). The result is
+    the base architecture with other weights: same modules, same parameter count, the same forward code
+    — so it costs exactly what the base model costs. The other adapters' vectors are dropped with their
+    wrappers. Returns ``model`` (changed in place)."""
+    for layer_name, layer in _require_layers(model):
+        if (name or layer.active_adapter) not in layer.merged_adapters:  # merge unless already merged
+            layer.merge(name)
+        model.set_submodule(layer_name, layer.base_layer)
+    if hasattr(model, "_ia3_config"):
+        del model._ia3_config
+    return model
+
+
 def ia3_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's key names: ``base_model.model.<module path>.ia3_l`` (adapter name dropped)."""
     out = {f"{PEFT_PREFIX}{name}.ia3_l": layer.ia3_l[adapter_name].detach().contiguous()

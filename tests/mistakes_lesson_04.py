@@ -99,3 +99,86 @@ CATALOGUE = [
     ("04.3", pack_low_first, "high nibble"), ("04.3", pack_added, "shifted"), ("04.3", pack_unpacked, "share each byte"),
     ("04.4", dq_no_offset, "offset"), ("04.4", dq_one_scale, "own scale"), ("04.4", dq_raw_bytes, "dynamic map"),
 ]
+
+
+# 04.5: QLoRALinear(linear, r, alpha, blocksize) — frozen NF4 base (dequantized in forward) + LoRA
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from course_lib.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4  # noqa: E402
+
+
+class QLoRAOk(nn.Module):
+    def __init__(self, linear, r, alpha, blocksize=64):
+        super().__init__()
+        packed, self.state = quantize_nf4(linear.weight.detach(), blocksize=blocksize)
+        self.register_buffer("packed", packed)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.lora_A = nn.Parameter(torch.randn(r, linear.in_features) / r)
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, r))
+        self.scaling = alpha / r
+
+    def base_weight(self):
+        return dequantize_nf4(self.packed, self.state)
+
+    def forward(self, x):
+        return F.linear(x, self.base_weight(), self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+RIGHT["04.5"] = QLoRAOk
+
+
+class QLoRAScaledByAlpha(QLoRAOk):
+    def __init__(self, linear, r, alpha, blocksize=64):
+        super().__init__(linear, r, alpha, blocksize)
+        self.scaling = alpha
+
+
+class QLoRABlocksize64(QLoRAOk):
+    def __init__(self, linear, r, alpha, blocksize=64):
+        super().__init__(linear, r, alpha)  # the blocksize argument is dropped
+
+
+class QLoRANoAbsmax(QLoRAOk):
+    def base_weight(self):
+        flat = self.packed.reshape(-1).long()
+        indices = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[:self.state.shape.numel()]
+        return NF4_CODE[indices].view(self.state.shape)
+
+
+class QLoRANoGradToInput(QLoRAOk):
+    def forward(self, x):
+        with torch.no_grad():
+            base = F.linear(x, self.base_weight(), self.bias)
+        return base + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+class QLoRATrainableBase(QLoRAOk):
+    def __init__(self, linear, r, alpha, blocksize=64):
+        super().__init__(linear, r, alpha, blocksize)
+        self.weight = nn.Parameter(self.base_weight())  # a dequantized weight that trains
+
+    def base_weight(self):
+        return self.weight if "weight" in self._parameters else super().base_weight()
+
+
+class QLoRAKeepsFullWeight(QLoRAOk):
+    def __init__(self, linear, r, alpha, blocksize=64):
+        super().__init__(linear, r, alpha, blocksize)
+        self.register_buffer("weight", linear.weight.detach().clone())
+
+    def base_weight(self):
+        return self.weight
+
+
+class QLoRANoBias(QLoRAOk):
+    def forward(self, x):
+        return F.linear(x, self.base_weight()) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+CATALOGUE += [
+    ("04.5", QLoRAScaledByAlpha, "alpha / r"), ("04.5", QLoRABlocksize64, "blocks of 64"),
+    ("04.5", QLoRANoAbsmax, "block scales"), ("04.5", QLoRANoGradToInput, "torch.no_grad()"),
+    ("04.5", QLoRATrainableBase, "frozen"), ("04.5", QLoRAKeepsFullWeight, "full-precision copy"),
+    ("04.5", QLoRANoBias, "bias is missing"),
+]

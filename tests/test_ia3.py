@@ -5,7 +5,8 @@ import pytest
 import torch
 from peft import IA3Config, PeftModel, get_peft_model
 
-from course_lib.ia3 import IA3Linear, add_ia3, merge_ia3, save_adapter, load_adapter, set_adapter, unmerge_ia3
+from course_lib.ia3 import (IA3Linear, add_ia3, load_adapter, merge_and_unload, merge_ia3, save_adapter, set_adapter,
+                            unmerge_ia3)
 
 from .conftest import tiny_llama
 
@@ -140,3 +141,32 @@ def test_bad_input_gets_clear_errors(tmp_path):
                                           num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="does not fit this model"):
         load_adapter(deeper, tmp_path / "a")
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_merge_and_unload_gives_peft_s_plain_model(merge_first):
+    """peft's merge_and_unload and ours: the same module types, the same state dict (bit for bit) and the
+    same logits — a plain Llama again, whether or not the vectors were merged before."""
+    theirs = get_peft_model(tiny_llama(), IA3Config(task_type="CAUSAL_LM"))
+    ours = tiny_llama()
+    add_ia3(ours)
+    _randomise(theirs, 5)
+    _copy_vectors(theirs, ours)
+    if merge_first:
+        merge_ia3(ours)
+    plain = merge_and_unload(ours)
+    their_plain = theirs.merge_and_unload()
+    assert plain is ours and not any(isinstance(m, IA3Linear) for m in plain.modules())
+    assert [type(m) for m in plain.modules()] == [type(m) for m in their_plain.modules()] == \
+        [type(m) for m in tiny_llama().modules()]
+    theirs_sd = their_plain.state_dict()
+    assert list(plain.state_dict()) == list(theirs_sd)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, theirs_sd[k], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=IDS).logits, their_plain(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_merge_and_unload_needs_ia3_layers():
+    with pytest.raises(ValueError, match="add_ia3"):
+        merge_and_unload(tiny_llama())
