@@ -20,6 +20,13 @@ BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION\b\s*(\S*)")
 END = re.compile(r"^\s*### END SOLUTION\b")
 
 
+GRADING_NOTE = (
+    "> **How this notebook is graded.** `check(...)` under each exercise gives instant feedback here; it is not "
+    "the grade. The grade comes from `course-grade` on this file: it reruns the notebook in a fresh kernel — your "
+    "exercise cells and any cells you add, every other cell as handed out — records what your functions return "
+    "on its own inputs, and judges those answers in a separate process that never runs your code.")
+
+
 class BuildError(ValueError):
     pass
 
@@ -67,6 +74,9 @@ def build_notebook(solution_path: Path) -> str:
         regions += sum(1 for line in cell.source.splitlines() if BEGIN.match(line))
         cell.source = strip_solutions(cell.source, f"{solution_path.name}, cell {index + 1}").rstrip("\n")
     clear_outputs(nb)
+    first = next((cell for cell in nb.cells if cell.cell_type == "markdown"), None)
+    if first is not None and GRADING_NOTE not in first.source:
+        first.source = first.source.rstrip("\n") + "\n\n" + GRADING_NOTE
     if regions == 0:
         raise BuildError(f"{solution_path.name}: no ### BEGIN SOLUTION region, so there is no exercise to generate")
     nb.metadata["course"] = {"lesson": solution_path.name[:2], "generated_from": f"solutions/{solution_path.name}"}

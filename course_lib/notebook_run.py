@@ -49,11 +49,25 @@ def execute_notebook(nb, cwd: str | os.PathLike, *, cell_timeout: float,
 
     if cell_timeout is None or cell_timeout <= 0:
         raise ValueError(f"cell_timeout={cell_timeout!r}: give the seconds a cell may run, a positive number")
+    import shutil
+    import tempfile
+
+    from traitlets.config import Config
+
+    # The kernel talks to us over local IPC sockets in a private folder, not TCP on localhost: nothing
+    # else on the machine can connect, and Jupyter has no "running over TCP without encryption" to warn of.
+    sockets = Path(tempfile.mkdtemp(prefix="course-kernel-"))
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(sockets / "kernel")
     client = NotebookClient(
         nb, timeout=max(1, int(cell_timeout)), timeout_func=timeout_for, kernel_name=KERNEL_NAME,
         allow_errors=allow_errors, interrupt_on_timeout=interrupt_on_timeout,
         error_on_timeout=TIMEOUT_ERROR if interrupt_on_timeout else None, record_timing=record_timing,
-        resources={"metadata": {"path": str(Path(cwd).resolve())}})
+        resources={"metadata": {"path": str(Path(cwd).resolve())}}, config=config)
     if on_cell_execute is not None:
         client.on_cell_execute = lambda cell, cell_index: on_cell_execute(cell, cell_index)
-    return client.execute(env=kernel_env())
+    try:
+        return client.execute(env=kernel_env())
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)

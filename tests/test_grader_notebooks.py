@@ -8,9 +8,15 @@ import time
 import nbformat
 import pytest
 
-from course_lib.grading.runner import grade_notebook
+from course_lib.grading.runner import grade_notebook as grade_as_handed_in
 
 from .conftest import ROOT
+
+
+def grade_notebook(path, **kwargs):
+    """These notebooks are written from scratch, with no handout to restore: graded as they are."""
+    kwargs.setdefault("handout", False if path.parent.name not in ("solutions", "exercises") else None)
+    return grade_as_handed_in(path, **kwargs)
 
 MEMORY_OK = "def estimate_memory_gb(n_params, bits):\n    return n_params * 4 / (32 / bits) * 1.2 / 1e9"
 
@@ -81,11 +87,10 @@ def test_sys_exit_is_a_problem_not_a_crash(tmp_path):
     assert by_id(card)["00.2"].passed
 
 
-def test_a_dead_kernel_is_reported(tmp_path):
+def test_a_dead_kernel_costs_only_its_cell(tmp_path):
     card = grade_notebook(notebook(tmp_path, MEMORY_OK, "import os\nos._exit(1)"))
     assert any("kernel died while running cell 2" in p for p in card.problems), card.problems
-    assert card.score == 0
-    assert all("not graded" in r.feedback for r in card.results)
+    assert by_id(card)["00.2"].passed, card.format()  # graded again without the cell that killed the kernel
 
 
 def test_huge_output_is_truncated_and_graded(tmp_path):
@@ -137,5 +142,8 @@ def test_cli_json_scorecard_and_exit_code(tmp_path):
     out = run_cli(notebook(tmp_path, MEMORY_OK), "--json")
     card = json.loads(out.stdout)
     assert out.returncode == 1  # not everything passed
-    assert card["score"] == 1 and card["total"] == 4
-    assert [r["id"] for r in card["results"]] == ["00.1", "00.2", "00.3", "00.4"]
+    from course_lib.grading import exercises_for
+
+    ids = [e.id for e in exercises_for("00")]
+    assert card["score"] == 1 and card["total"] == len(ids) >= 4
+    assert [r["id"] for r in card["results"]] == ids

@@ -26,6 +26,7 @@ class Exercise:
     title: str
     names: tuple[str, ...]  # the names the learner defines, passed to `check` in this order
     check: Callable[..., str | None]  # raises CheckFailed; may return a short success note
+    changes_inputs: bool = False  # True where changing an input tensor in place is the exercise's job
 
 
 @dataclass
@@ -48,6 +49,18 @@ def exercises_for(lesson: str) -> list[Exercise]:
     return module.EXERCISES
 
 
+def preload(lesson: str) -> list[Exercise]:
+    """Import a lesson's checks and every course_lib module they import lazily (``from ..x import``), so
+    that no check starts with a slow first import that a time limit could interrupt halfway."""
+    import re
+
+    exercises = exercises_for(lesson)
+    source = Path(__file__).with_name(f"lesson_{lesson}.py").read_text()
+    for name in sorted(set(re.findall(r"from \.\.(\w+) import", source))):
+        importlib.import_module(f"course_lib.{name}")
+    return exercises
+
+
 def find_exercise(exercise_id: str) -> Exercise:
     lesson = exercise_id.split(".")[0]
     for exercise in exercises_for(lesson):
@@ -61,18 +74,63 @@ def run_exercise(exercise: Exercise, objects: list) -> ExerciseResult:
     def result(passed: bool, feedback: str) -> ExerciseResult:
         return ExerciseResult(exercise.id, exercise.title, passed, feedback)
 
+    violations: list[str] = []
+    if not exercise.changes_inputs:
+        objects = [_InputGuard(obj, violations) if callable(obj) and not isinstance(obj, type) else obj
+                   for obj in objects]
     try:
         note = exercise.check(*objects)
+        if violations:  # only once the answer is otherwise right: a wrong value's own feedback says more
+            raise CheckFailed(violations[0])
     except NotImplementedError:
         return result(False, "not implemented yet: replace the `raise NotImplementedError` line with your code")
     except CheckFailed as e:
         return result(False, str(e))
     except RecursionError:
         return result(False, "your code recursed without end (RecursionError)")
-    except Exception as e:  # the learner's code crashed inside the check
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        return result(False, f"your code raised {type(e).__name__}: {e} (line {frame.lineno}: {frame.line})")
+    except MemoryError:
+        return result(False, "your code ran out of memory (MemoryError)")
+    except Exception as e:  # the learner's code crashed inside the check (or, judged, did so when recorded)
+        where = getattr(e, "learner_where", None)
+        if where is None:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            where = f" (line {frame.lineno}: {frame.line})"
+        name = getattr(e, "learner_type", type(e).__name__)
+        if name == "RuntimeError" and "can't allocate memory" in str(e):
+            return result(False, f"your code ran out of memory ({str(e)[:160]})")
+        message = str(e).removeprefix(f"{name}: ") if name != type(e).__name__ else str(e)
+        return result(False, f"your code raised {name}: {message}{where}")
     return result(True, note or "passed")
+
+
+class _InputGuard:
+    """Calls a learner's function and notes when it changed an input tensor in place or returned a tensor
+    that shares memory with one (callers keep using their inputs, so either is a bug here); the check
+    fails on the first note once it has found nothing else wrong."""
+
+    def __init__(self, fn, violations: list[str]):
+        self.fn, self.violations = fn, violations
+        self.__name__ = getattr(fn, "__name__", "function")
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        inputs = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+        inputs = [(name, t) for name, t in inputs if isinstance(t, torch.Tensor)]
+        before = [t.detach().clone() for _, t in inputs]
+        out = self.fn(*args, **kwargs)
+        for (name, t), old in zip(inputs, before):
+            if t.shape != old.shape or not torch.equal(torch.nan_to_num(t.detach()), torch.nan_to_num(old)):
+                self.violations.append(f"{self.__name__} changed its input {name} in place: compute new tensors "
+                                       f"(e.g. x * s, not x.mul_(s)), since the caller keeps using its inputs")
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        storages = {t.untyped_storage().data_ptr(): name for name, t in inputs if t.numel()}
+        for o in outs:
+            if isinstance(o, torch.Tensor) and o.numel() and o.untyped_storage().data_ptr() in storages:
+                self.violations.append(f"{self.__name__} returned a tensor that shares memory with its input "
+                                       f"{storages[o.untyped_storage().data_ptr()]}: changing one would change the "
+                                       f"other; return a new tensor (.clone())")
+        return out
 
 
 def check(exercise_id: str, *objects) -> ExerciseResult:
@@ -89,23 +147,6 @@ def check(exercise_id: str, *objects) -> ExerciseResult:
         raise CheckFailed(f"Exercise {exercise_id} ({exercise.title}): {outcome.feedback}")
     print(f"✓ Exercise {exercise_id} ({exercise.title}): {outcome.feedback}")
     return outcome
-
-
-def grade_in_kernel(exercise_id: str, namespace: dict, verdict_path: str) -> None:
-    """Run by the cells `course-grade` appends: look the learner's names up, check, and write the
-    verdict as JSON to ``verdict_path`` (a fresh file the runner names for this run). The verdict
-    goes to a file, not stdout, so nothing the learner's code prints can truncate or garble it."""
-    exercise = find_exercise(exercise_id)
-    missing = [name for name in exercise.names if name not in namespace]
-    if missing:
-        outcome = ExerciseResult(exercise.id, exercise.title, False,
-                                 f"{', '.join(missing)} is not defined: keep the name the exercise gives, "
-                                 f"and make sure its cell runs without error")
-    else:
-        outcome = run_exercise(exercise, [namespace[name] for name in exercise.names])
-    partial = Path(f"{verdict_path}.partial")
-    partial.write_text(json.dumps(asdict(outcome)))
-    partial.replace(verdict_path)  # the runner sees a whole verdict or none
 
 
 def _close(a, b, rtol: float, atol: float) -> bool:
@@ -127,7 +168,13 @@ def expect(got, expected, *, what: str, mistakes: dict[str, object] | None = Non
     for explanation, wrong in (mistakes or {}).items():
         if _close(got, wrong, rtol, atol):
             raise CheckFailed(f"{what}: {explanation}")
-    raise CheckFailed(f"{what}: expected {_short(expected)}, got {_short(got)}")
+    import torch
+
+    hint = ""
+    if isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor) and got.dtype != expected.dtype:
+        hint = (f" (your dtype is {str(got.dtype).removeprefix('torch.')}, the reference's "
+                f"{str(expected.dtype).removeprefix('torch.')})")
+    raise CheckFailed(f"{what}: expected {_short(expected)}, got {_short(got)}{hint}")
 
 
 def _short(value) -> str:

@@ -1,11 +1,13 @@
-"""Grade a whole exercise notebook in its own kernel: ``course-grade PATH [--json] [--timeout S]``.
+"""Grade exercise notebooks: ``course-grade SUBMISSION [SUBMISSION ...] [--json] [--csv F] [--jobs N]``.
 
-The notebook runs top to bottom in a fresh kernel with errors allowed (a crashing cell does not
-stop the others), then one appended cell per exercise runs the hidden check and writes its verdict
-as JSON to a file this run names in a fresh temporary folder, so nothing the learner prints can
-lose or garble a verdict (cell outputs are only read for errors). Every way a notebook can break —
-an exception, an endless loop, ``sys.exit``, a dead kernel, a flood of output — ends as a verdict
-in the scorecard, never as a grader traceback.
+For each submission: the handout's cells are restored around the learner's exercise cells (cells the
+learner added stay), the notebook runs top to bottom in a fresh kernel with errors allowed, and one
+appended cell per exercise *records* what the learner's functions return on the check's inputs
+(:mod:`course_lib.grading.sandbox`). The verdict is then computed here, in a process that never runs
+learner code, by replaying each check against its recording (data only, read with
+``torch.load(weights_only=True)``). A cell that kills the kernel is skipped in a fresh run, so it costs
+its own exercise alone; an exception, an endless loop, ``sys.exit``, a flood of output or a memory
+blow-up in the learner's kernel ends as a verdict, never as a grader traceback.
 """
 
 from __future__ import annotations
@@ -110,18 +112,59 @@ def _truncate_outputs(cell) -> None:
             output["text"] = output["text"][:MAX_OUTPUT_CHARS] + "\n[... output truncated by course-grade]\n"
 
 
-def _read_verdict(path: Path) -> ExerciseResult | None:
-    """The verdict a grading cell wrote, or None when its check never finished."""
-    try:
-        return ExerciseResult(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError) as e:  # only code that tampers with the file gets here
-        return ExerciseResult(path.stem, "", False, f"not graded: the check's verdict was unreadable ({e})")
+def pristine_handout(lesson: str, root: Path | None = None) -> Path | None:
+    """The exercise notebook as handed out (``exercises/NN_*.ipynb`` beside this package), if present."""
+    from ..build import ROOT
+
+    found = sorted(((root or ROOT) / "exercises").glob(f"{lesson}_*.ipynb"))
+    return found[0] if found else None
 
 
-def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: float = 60) -> Scorecard:
-    """Execute and grade; ``timeout`` bounds the whole run, ``cell_timeout`` each cell."""
+def _is_exercise_cell(cell) -> bool:
+    return cell.cell_type == "code" and 'raise NotImplementedError("Exercise' in cell.source
+
+
+def assemble(submission, handout) -> tuple[object, list[str]]:
+    """The notebook to run: the handout's cells, except that each exercise cell is the learner's (as in
+    nbgrader, the cells around the exercises are locked); cells the learner added stay where they were.
+    Cells are matched by their ids. Returns the notebook and notes for the learner."""
+    import copy
+
+    known = {cell.get("id") for cell in handout.cells if cell.get("id")}
+    submitted = {cell.get("id"): cell for cell in submission.cells if cell.get("id") in known}
+    if not submitted:
+        return submission, ["the notebook's cells could not be matched to the handout's (no shared cell ids), "
+                            "so it was graded as submitted: start from the notebook in exercises/"]
+    added: dict[str | None, list] = {}
+    previous = None
+    for cell in submission.cells:
+        if cell.get("id") in known:
+            previous = cell.get("id")
+        else:
+            added.setdefault(previous, []).append(cell)
+    cells, restored, notes = list(added.get(None, [])), [], []
+    for index, cell in enumerate(handout.cells):
+        mine = submitted.get(cell.get("id"))
+        if _is_exercise_cell(cell) and mine is not None and mine.cell_type == "code":
+            cells.append(mine)
+        else:
+            if mine is not None and mine.source != cell.source:
+                restored.append(index + 1)
+            cells.append(copy.deepcopy(cell))
+        cells.extend(added.get(cell.get("id"), []))
+    if restored:
+        notes.append(f"handout cell(s) {', '.join(map(str, restored))} were edited outside the exercise cells and "
+                     f"were graded as handed out: write your answers in the exercise cells (and new cells)")
+    notebook = copy.deepcopy(handout)
+    notebook.cells = cells
+    return notebook, notes
+
+
+def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: float = 60,
+                   memory_gb: float = 8, handout: str | Path | bool | None = None) -> Scorecard:
+    """Execute and grade; ``timeout`` bounds the whole run, ``cell_timeout`` each cell, ``memory_gb`` the
+    learner's kernel. ``handout``: the pristine exercise notebook whose non-exercise cells are restored
+    (default: ``exercises/`` of this course; False: grade the notebook exactly as submitted)."""
     path = Path(path)
     nb = read_notebook(path)
     lesson = _lesson_of(nb, path)
@@ -129,27 +172,44 @@ def grade_notebook(path: str | Path, *, timeout: float = 300, cell_timeout: floa
         exercises = exercises_for(lesson)
     except ValueError as e:
         raise GradingError(f"{path}: {e}") from None
-    with tempfile.TemporaryDirectory(prefix="course-grade-") as verdict_dir:
-        verdict_paths = {exercise.id: Path(verdict_dir) / f"{exercise.id}.json" for exercise in exercises}
-        return _grade(nb, path, lesson, exercises, verdict_paths, timeout, cell_timeout)
+    handout_path = None if handout is False else Path(handout) if handout else pristine_handout(lesson)
+    notes = []
+    if handout_path is not None and handout_path.resolve() != path.resolve():
+        nb, notes = assemble(nb, read_notebook(handout_path))
+    with tempfile.TemporaryDirectory(prefix="course-grade-") as recording_dir:
+        recordings = {exercise.id: Path(recording_dir) / f"{exercise.id}.pt" for exercise in exercises}
+        card = _grade(nb, path, lesson, exercises, recordings, timeout, cell_timeout, memory_gb)
+    card.problems = notes + card.problems
+    return card
 
 
-def _grade(nb, path: Path, lesson: str, exercises, verdict_paths: dict[str, Path],
-           timeout: float, cell_timeout: float) -> Scorecard:
+SKIPPED = "# course-grade: this cell killed the kernel in an earlier run, so it is skipped"
+
+
+def _grade(nb, path: Path, lesson: str, exercises, recordings: dict[str, Path],
+           timeout: float, cell_timeout: float, memory_gb: float) -> Scorecard:
+    """Run the learner's notebook (and, appended, one recording cell per exercise) in a kernel; when a cell
+    kills the kernel, run again without it. Then judge each exercise here, from its recording."""
+    import copy
+
     import nbformat
     from nbclient.exceptions import DeadKernelError
 
+    from .sandbox import judge, read_recording
+
     n_learner_cells = len(nb.cells)
-    # Import the checks (and torch with them) before any check's clock starts: on a busy machine the
-    # import alone can take longer than a check may, and a cell interrupted mid-import leaves torch
-    # half-initialised for every check after it.
-    nb.cells.append(nbformat.v4.new_code_cell(
-        f"from course_lib.grading import exercises_for\nexercises_for({lesson!r})",
+    # Limit the kernel's memory (its heap: RLIMIT_DATA, which leaves the mapped libraries alone), then
+    # import the checks (and torch with them) before any check's clock starts: on a busy machine the
+    # import alone can take longer than a check may.
+    nb.cells.insert(0, nbformat.v4.new_code_cell(
+        "import resource as _r\nimport course_lib.grading as _g\n"
+        f"_g.preload({lesson!r})\nimport course_lib.grading.sandbox\n"
+        f"_r.setrlimit(_r.RLIMIT_DATA, ({int(memory_gb * 2**30)}, _r.getrlimit(_r.RLIMIT_DATA)[1]))\ndel _r, _g",
         metadata={"tags": ["course-grade-setup"]}))
     for exercise in exercises:
         nb.cells.append(nbformat.v4.new_code_cell(
-            "from course_lib.grading import grade_in_kernel\n"
-            f"grade_in_kernel({exercise.id!r}, globals(), {str(verdict_paths[exercise.id])!r})",
+            "from course_lib.grading.sandbox import record_in_kernel\n"
+            f"record_in_kernel({exercise.id!r}, globals(), {str(recordings[exercise.id])!r})",
             metadata={"tags": ["course-grade"], "exercise": exercise.id}))
 
     start = time.monotonic()
@@ -164,48 +224,72 @@ def _grade(nb, path: Path, lesson: str, exercises, verdict_paths: dict[str, Path
             return int(cell_timeout)
         return max(1, int(min(cell_timeout, deadline - time.monotonic())))
 
-    running = {"cell": None}
-
-    def note_start(cell, cell_index):
-        running["cell"] = cell_index
-
     problems: list[str] = []
-    try:
-        execute_notebook(nb, path.parent, cell_timeout=cell_timeout, timeout_for=timeout_for,
-                         allow_errors=True, interrupt_on_timeout=True, record_timing=False,
-                         on_cell_execute=note_start)
-    except DeadKernelError:
-        dead_at = running["cell"]
-        where = f"cell {dead_at + 1}" if dead_at is not None and dead_at < n_learner_cells else "a grading cell"
-        problems.append(f"the kernel died while running {where} (os._exit, a crash in native code, "
-                        f"or running out of memory)")
-    except Exception as e:  # kernel failed to start, etc.: still a verdict, not a traceback
-        problems.append(f"the notebook could not be run: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    died_in: dict[str, str] = {}  # exercise id -> what happened to its recording cell
+    skipped: set[int] = set()
+    while True:
+        run = copy.deepcopy(nb)
+        for index in skipped:
+            run.cells[index].source = SKIPPED
+        running = {"cell": None}
+        for recording in recordings.values():
+            recording.unlink(missing_ok=True)
+        try:
+            execute_notebook(run, path.parent, cell_timeout=cell_timeout, timeout_for=timeout_for,
+                             allow_errors=True, interrupt_on_timeout=True, record_timing=False,
+                             on_cell_execute=lambda cell, index: running.update(cell=index))
+        except DeadKernelError:
+            dead_at = running["cell"]
+            if dead_at is None or dead_at in skipped or time.monotonic() > deadline:
+                problems.append("the kernel died and the notebook could not be run to the end")
+                break
+            skipped.add(dead_at)
+            cell = run.cells[dead_at]
+            if "course-grade" in cell.metadata.get("tags", []) and "exercise" in cell.metadata:
+                died_in[cell.metadata["exercise"]] = (
+                    "the kernel died while the check ran your code (os._exit, a crash in native code, or "
+                    "running out of memory)")
+            elif 0 < dead_at <= n_learner_cells:
+                problems.append(f"the kernel died while running cell {dead_at} (os._exit, a crash in native "
+                                f"code, or running out of memory): graded again without that cell")
+            else:
+                problems.append("the kernel died while setting up the grading")
+            continue
+        except Exception as e:  # kernel failed to start, etc.: still a verdict, not a traceback
+            problems.append(f"the notebook could not be run: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        break
 
-    results: dict[str, ExerciseResult] = {}
-    for index, cell in enumerate(nb.cells):
+    errors: dict[str, dict] = {}
+    for index, cell in enumerate(run.cells):
         _truncate_outputs(cell)
-        if index < n_learner_cells:
-            if cell.cell_type == "code" and (problem := _cell_problem(index, cell, cell_timeout)):
-                problems.append(problem)
-            continue
-        if "course-grade-setup" in cell.metadata.get("tags", []):
-            if error := next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None):
-                problems.append(f"the grader could not import its checks "
-                                f"({error.get('ename')}: {str(error.get('evalue'))[:200]})")
-            continue
-        exercise_id = cell.metadata["exercise"]
-        verdict = _read_verdict(verdict_paths[exercise_id])
+        tags = cell.metadata.get("tags", [])
         error = next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None)
-        if verdict is None and error is not None:
-            verdict = ExerciseResult(
-                exercise_id, "", False, f"the check could not finish: your code {_describe_error(error, cell_timeout)}")
-        if verdict is not None:
-            results[exercise_id] = verdict
+        if "course-grade-setup" in tags:
+            if error is not None:
+                problems.append(f"the grader could not set up its checks "
+                                f"({error.get('ename')}: {str(error.get('evalue'))[:200]})")
+        elif "course-grade" in tags:
+            if error is not None:
+                errors[cell.metadata["exercise"]] = error
+        elif cell.cell_type == "code" and index not in skipped and (problem := _cell_problem(index - 1, cell, cell_timeout)):
+            problems.append(problem)
+
     ordered = []
     for exercise in exercises:
-        result = results.get(exercise.id)
-        if result is None:
+        result = None
+        if recordings[exercise.id].exists():
+            try:
+                result = judge(exercise, read_recording(recordings[exercise.id]))
+            except Exception as e:  # a recording the judge cannot read: only tampering gets here
+                result = ExerciseResult(exercise.id, exercise.title, False,
+                                        f"not graded: the recording of your code's answers was unreadable "
+                                        f"({type(e).__name__})")
+        elif exercise.id in died_in:
+            result = ExerciseResult(exercise.id, exercise.title, False, died_in[exercise.id])
+        elif exercise.id in errors:
+            result = ExerciseResult(exercise.id, exercise.title, False,
+                                    f"the check could not finish: your code {_describe_error(errors[exercise.id], cell_timeout)}")
+        else:
             result = ExerciseResult(exercise.id, exercise.title, False,
                                     "not graded: the notebook stopped before its check could run (see problems)")
         result.title = exercise.title
@@ -213,20 +297,128 @@ def _grade(nb, path: Path, lesson: str, exercises, verdict_paths: dict[str, Path
     return Scorecard(str(path), lesson, ordered, problems, time.monotonic() - start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="course-grade", description="Grade an exercise notebook.")
-    parser.add_argument("notebook", type=Path)
-    parser.add_argument("--json", action="store_true", help="print the scorecard as JSON")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole notebook (default %(default)s)")
-    parser.add_argument("--cell-timeout", type=float, default=60, help="seconds per cell (default %(default)s)")
-    args = parser.parse_args(argv)
+def submissions_in(targets: list[str]) -> list[Path]:
+    """Notebooks named by files, folders (every ``*.ipynb`` inside, checkpoints excluded) or glob patterns,
+    in a stable order and each once. A target that names nothing is an error."""
+    import glob
+
+    found: list[Path] = []
+    for target in targets:
+        path = Path(target)
+        if path.is_dir():
+            matches = [p for p in sorted(path.rglob("*.ipynb")) if ".ipynb_checkpoints" not in p.parts]
+        elif any(c in target for c in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(target, recursive=True))]
+        else:
+            matches = [path]
+        if not matches:
+            raise GradingError(f"{target}: no notebooks there")
+        found += matches
+    return list(dict.fromkeys(found))
+
+
+def _grade_one(path: Path, options: dict) -> dict:
+    """One submission's scorecard as JSON, or the reason it could not be graded (never raises)."""
     try:
-        card = grade_notebook(args.notebook, timeout=args.timeout, cell_timeout=args.cell_timeout)
+        return grade_notebook(path, **options).to_json()
+    except GradingError as e:
+        return {"notebook": str(path), "error": str(e)}
+    except Exception as e:  # a grader bug must not stop a class's batch
+        return {"notebook": str(path), "error": f"the grader failed: {type(e).__name__}: {str(e)[:300]}"}
+
+
+def grade_many(paths: list[Path], *, jobs: int = 1, **options) -> list[dict]:
+    """Grade many submissions, ``jobs`` at a time (each in its own process: its kernel, its judge)."""
+    if jobs <= 1 or len(paths) <= 1:
+        return [_grade_one(path, options) for path in paths]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_grade_one, paths, [options] * len(paths)))
+
+
+GRADEBOOK_FIELDS = ("submission", "lesson", "exercise", "title", "passed", "points", "feedback")
+
+
+def gradebook_rows(cards: list[dict]) -> list[dict]:
+    """One row per submission and exercise, then a total row per submission (exercise ``TOTAL``)."""
+    rows = []
+    for card in cards:
+        if "error" in card:
+            rows.append({"submission": card["notebook"], "lesson": "", "exercise": "TOTAL", "title": "",
+                         "passed": False, "points": 0, "feedback": f"not graded: {card['error']}"})
+            continue
+        for r in card["results"]:
+            rows.append({"submission": card["notebook"], "lesson": card["lesson"], "exercise": r["id"],
+                         "title": r["title"], "passed": r["passed"], "points": int(r["passed"]),
+                         "feedback": r["feedback"]})
+        rows.append({"submission": card["notebook"], "lesson": card["lesson"], "exercise": "TOTAL",
+                     "title": f"{card['score']}/{card['total']}", "passed": card["score"] == card["total"],
+                     "points": card["score"], "feedback": "; ".join(card["problems"])[:2000]})
+    return rows
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)  # an interrupted run leaves no half-written gradebook that looks complete
+
+
+def write_gradebook(cards: list[dict], csv_path: Path | None = None, json_path: Path | None = None) -> None:
+    import csv
+    import io
+
+    if csv_path is not None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=GRADEBOOK_FIELDS)
+        writer.writeheader()
+        writer.writerows(gradebook_rows(cards))
+        _write_atomically(Path(csv_path), buffer.getvalue())
+    if json_path is not None:
+        _write_atomically(Path(json_path), json.dumps({"submissions": cards}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="course-grade", description="Grade exercise notebooks: one (a scorecard) or a class's (a gradebook).")
+    parser.add_argument("submissions", nargs="+", metavar="SUBMISSION",
+                        help="notebooks, folders of notebooks, or glob patterns")
+    parser.add_argument("--json", action="store_true", help="print the scorecard(s) as JSON")
+    parser.add_argument("--csv", type=Path, help="write a gradebook: one row per submission and exercise, plus totals")
+    parser.add_argument("--gradebook-json", type=Path, help="write the gradebook as JSON (every scorecard)")
+    parser.add_argument("--jobs", type=int, default=1, help="submissions graded at once (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds for a whole notebook (default %(default)s)")
+    parser.add_argument("--cell-timeout", type=float, default=60, help="seconds per cell (default %(default)s)")
+    parser.add_argument("--memory-gb", type=float, default=8, help="memory for a learner's kernel (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more")
+    try:
+        paths = submissions_in(args.submissions)
     except GradingError as e:
         print(f"course-grade: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(card.to_json(), indent=2) if args.json else card.format())
-    return 0 if card.passed else 1
+    options = {"timeout": args.timeout, "cell_timeout": args.cell_timeout, "memory_gb": args.memory_gb}
+    if len(paths) == 1 and not (args.csv or args.gradebook_json):
+        try:
+            card = grade_notebook(paths[0], **options)
+        except GradingError as e:
+            print(f"course-grade: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(card.to_json(), indent=2) if args.json else card.format())
+        return 0 if card.passed else 1
+    cards = grade_many(paths, jobs=args.jobs, **options)
+    write_gradebook(cards, args.csv, args.gradebook_json)
+    if args.json:
+        print(json.dumps({"submissions": cards}, indent=2))
+    else:
+        for card in cards:
+            score = f"{card['score']}/{card['total']}" if "error" not in card else f"not graded: {card['error']}"
+            print(f"{score:>8}  {card['notebook']}")
+    if any("error" in card for card in cards):
+        return 2
+    return 0 if all(card["score"] == card["total"] for card in cards) else 1
 
 
 if __name__ == "__main__":
