@@ -30,7 +30,26 @@ def match_ok(names, targets):
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-RIGHT = {"03.1": fwd_ok, "03.2": init_ok, "03.3": merge_ok, "03.4": mixed_ok, "03.5": match_ok}
+class LoRAOk(nn.Module):
+    """Exercise 03.6 fixed: dropout on A's input only, the merge scaled by alpha / r."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = alpha / r
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * (self.dropout(x) @ self.A.T) @ self.B.T
+
+    def merged_weight(self):
+        return self.base.weight + self.scaling * self.B @ self.A
+
+
+RIGHT = {"03.1": fwd_ok, "03.2": init_ok, "03.3": merge_ok, "03.4": mixed_ok, "03.5": match_ok, "03.6": LoRAOk}
 
 
 def match_endswith(names, targets):
@@ -112,6 +131,53 @@ def mixed_wrong_B(x, A, B, s, idx):  # B gathered with a shifted index
     return out * s[safe, None, None] * (idx >= 0)[:, None, None]
 
 
+class LoRAAsGiven(LoRAOk):  # both planted bugs left in (the merge's shows first)
+    def forward(self, x):
+        x = self.dropout(x)
+        return self.base(x) + self.scaling * (x @ self.A.T) @ self.B.T
+
+    def merged_weight(self):
+        return self.base.weight + self.B @ self.A
+
+
+class LoRABaseDropped(LoRAOk):  # merge fixed, dropout still on the frozen path
+    forward = LoRAAsGiven.forward
+
+
+class LoRAMergeUnscaled(LoRAOk):  # dropout fixed, the merge still unscaled
+    merged_weight = LoRAAsGiven.merged_weight
+
+
+class LoRANoDropout(LoRAOk):  # "fixed" the dropout bug by deleting dropout
+    def forward(self, x):
+        return self.base(x) + self.scaling * (x @ self.A.T) @ self.B.T
+
+
+class LoRAScaledByAlpha(LoRAOk):
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.scaling = alpha
+
+
+class LoRARandomB(LoRAOk):
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        nn.init.normal_(self.B, std=0.02)
+
+
+class LoRABaseTrains(LoRAOk):
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.base.requires_grad_(True)
+
+
+class LoRAMergeInPlace(LoRAOk):
+    def merged_weight(self):
+        with torch.no_grad():
+            self.base.weight += self.scaling * self.B @ self.A
+        return self.base.weight
+
+
 CATALOGUE = [
     ("03.1", fwd_alpha, "alpha / r"), ("03.1", fwd_no_base, "frozen path"), ("03.1", fwd_inverted, "inverted"),
     ("03.2", init_B_random, "B must start at zero"), ("03.2", init_both_zero, "nothing trains"),
@@ -121,4 +187,8 @@ CATALOGUE = [
     ("03.4", mixed_negative_index, "-1"), ("03.4", mixed_first_row, "first row"), ("03.4", mixed_wrong_B, "expected"),
     ("03.5", match_endswith, "kv_proj"), ("03.5", match_substring, "kv_proj"), ("03.5", match_exact, "only exact"),
     ("03.5", match_sorted, "order"),
+    ("03.6", LoRAAsGiven, "no alpha / r scaling, so the merged model serves another function than the adapter: it must carry the forward pass's scale — and: train-mode output (dropout active): dropout reached the frozen path"), ("03.6", LoRABaseDropped, "dropout reached the frozen path"),
+    ("03.6", LoRAMergeUnscaled, "no alpha / r scaling"), ("03.6", LoRANoDropout, "dropout is missing"),
+    ("03.6", LoRAScaledByAlpha, "scaled by alpha"), ("03.6", LoRARandomB, "B must start at zero"),
+    ("03.6", LoRABaseTrains, "only A and B may train"), ("03.6", LoRAMergeInPlace, "in place"),
 ]

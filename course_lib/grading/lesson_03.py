@@ -16,7 +16,7 @@ def _tensors(seed: int, out_f: int = 6, in_f: int = 5, r: int = 3, batch: int = 
 
 
 # ---------------------------------------------------------------------------------------------
-# 03.1 lora_forward(x, W, A, B, alpha, r) = x Wᵀ + (alpha / r) · x Aᵀ Bᵀ
+# 03.1 lora_forward(x, W, A, B, alpha, r) = x Wᵀ + (alpha / r) · x Aᵀ Bᵀ (the learner derives the scale)
 # ---------------------------------------------------------------------------------------------
 def check_lora_forward(lora_forward) -> str:
     for seed, alpha, r in [(0, 16.0, 3), (1, 3.0, 3)]:
@@ -132,10 +132,93 @@ def check_matching_modules(matching_modules) -> str:
     return "whole names or dotted suffixes, in model order"
 
 
+# ---------------------------------------------------------------------------------------------
+# 03.6 debug a LoRA layer: FixedLoRALinear(base, r, alpha, dropout) with .A, .B, forward, merged_weight()
+# ---------------------------------------------------------------------------------------------
+def _layer(cls, base, r, alpha, dropout):
+    layer = cls(base, r, alpha, dropout)
+    shapes = {name: tuple(getattr(getattr(layer, name, None), "shape", ())) for name in ("A", "B")}
+    if shapes != {"A": (r, base.in_features), "B": (base.out_features, r)}:
+        raise CheckFailed(f"keep the given layout: A ({r}, in_features) = ({r}, {base.in_features}) and B "
+                          f"(out_features, r) = ({base.out_features}, {r}); got {shapes}")
+    trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+    if trainable != {id(layer.A), id(layer.B)}:
+        raise CheckFailed("only A and B may train: the frozen layer's weight and bias must keep requires_grad=False")
+    return layer
+
+
+def check_fixed_lora_linear(cls) -> str:
+    """Each behaviour a LoRA layer must have, checked on its own; every one that fails is reported (a
+    debugging exercise: the learner learns of each bug still there, not only the first)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)  # with a bias, like many layers
+    r, alpha, p = 4, 12.0, 0.25  # scale α/r = 3: neither 1 nor α, so a wrong scale shows
+    s = alpha / r
+    layer = _layer(cls, base, r, alpha, p)
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))  # (batch, T, in)
+    gen = torch.Generator().manual_seed(2)
+    A, B = torch.randn(r, 12, generator=gen), torch.randn(10, r, generator=gen)
+    W_before, bias_before = base.weight.detach().clone(), base.bias.detach().clone()
+    W0x = (x @ W_before.T + bias_before).detach()  # (3, 5, 10)
+    update = x @ A.T @ B.T  # (3, 5, 10)
+    problems = []
+
+    def at_init():  # (1) the layer starts as the frozen layer
+        layer.eval()
+        if not torch.allclose(layer(x), W0x, atol=1e-6):
+            raise CheckFailed("at initialisation the layer must compute exactly what the frozen layer computes, so "
+                              "training starts from the pretrained model: B must start at zero (A random)")
+
+    def eval_output():  # (2) with A and B set: W₀x + b + (α/r)·B A x
+        layer.eval()
+        expect(layer(x), W0x + s * update, what="eval-mode output with A, B set", mistakes={
+            "the update is scaled by alpha; LoRA scales it by alpha / r": W0x + alpha * update,
+            "the update is not scaled: multiply B A x by alpha / r": W0x + update,
+            "the scaling is inverted: alpha / r, not r / alpha": W0x + r / alpha * update,
+        })
+
+    def merged():  # (3) the merged weight serves what the layer computes
+        got = layer.merged_weight()
+        if not (torch.equal(base.weight, W_before) and torch.equal(base.bias, bias_before)):
+            base.weight.copy_(W_before), base.bias.copy_(bias_before)  # so the checks after this one are fair
+            raise CheckFailed("merged_weight changed the frozen layer in place: return a new tensor")
+        delta = B @ A  # (out, in)
+        expect(got, W_before + s * delta, what="merged weight", mistakes={
+            "the merged update has no alpha / r scaling, so the merged model serves another function than the "
+            "adapter: it must carry the forward pass's scale": W_before + delta,
+            "the merged update is scaled by alpha, not alpha / r": W_before + alpha * delta,
+        })
+
+    def train_output():  # (4) train mode: dropout on the adapter's input only
+        layer.train()
+        torch.manual_seed(7)
+        got = layer(x)
+        torch.manual_seed(7)
+        x_dropped = torch.nn.functional.dropout(x, p, training=True)  # the mask one nn.Dropout(p) call draws
+        dropped_update = x_dropped @ A.T @ B.T
+        expect(got, W0x + s * dropped_update, what="train-mode output (dropout active)", mistakes={
+            "dropout reached the frozen path: the frozen layer must see the undropped x (W₀x + b); only the "
+            "adapter's input is dropped (x → dropout → A → B)": x_dropped @ W_before.T + bias_before + s * dropped_update,
+            "dropout is missing in train mode: LoRA drops the adapter's input (x → dropout → A → B)": W0x + s * update,
+        })
+
+    with torch.no_grad():
+        for behaviour in (at_init, eval_output, merged, train_output):
+            if behaviour is eval_output:
+                layer.A.copy_(A), layer.B.copy_(B)
+            try:
+                behaviour()
+            except CheckFailed as e:
+                problems.append(str(e))
+    if problems:
+        raise CheckFailed(" — and: ".join(problems) if len(problems) > 1 else problems[0])
+    return "W₀x + (α/r)·B A dropout(x): dropout on the adapter's path only, and the merge carries α/r"
+
 EXERCISES = [
     Exercise("03.1", "LoRA forward with scaling", ("lora_forward",), check_lora_forward),
     Exercise("03.2", "LoRA initialisation", ("init_lora",), check_init_lora),
     Exercise("03.3", "merge an adapter into W", ("merge_weight",), check_merge_weight),
     Exercise("03.4", "per-row adapters in one batch", ("mixed_lora_delta",), check_mixed_lora_delta),
     Exercise("03.5", "choose target modules by name", ("matching_modules",), check_matching_modules),
+    Exercise("03.6", "debug a LoRA layer", ("FixedLoRALinear",), check_fixed_lora_linear),
 ]
