@@ -6,11 +6,7 @@ import torch
 from torch import nn
 
 from . import CheckFailed, Exercise, expect
-try:
-    from .sandbox import in_sandbox
-except ImportError:  # a checkout from before course-grade's sandbox: the probe simply runs here
-    def in_sandbox(fn):
-        return fn
+from .sandbox import in_sandbox, learner_object
 
 
 def _layer(seed: int, out_f: int, in_f: int, is_feedforward: bool):
@@ -28,16 +24,6 @@ def _layer(seed: int, out_f: int, in_f: int, is_feedforward: bool):
     with torch.no_grad():
         layer.ia3_l["default"].copy_(scale.view(layer.ia3_l["default"].shape))
     return layer, base.weight.detach().clone(), base.bias.detach().clone(), scale, gen
-
-
-def _learner_object(obj):
-    """The learner's own class beneath the grader's call wrappers (course-grade's recorder, the input guard):
-    a check that builds and probes a learner's class inside ``in_sandbox`` must call the class itself, so
-    that the sandbox records the probe's data result as the one call. (Wanted in grading/sandbox.py, shared
-    with 03.6.)"""
-    while type(obj).__name__ in ("_Recorder", "_InputGuard") and hasattr(obj, "fn"):
-        obj = obj.fn
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +145,7 @@ def check_fixed_ia3_linear(cls) -> str:
 
     # learner_side runs the learner's class itself (not course-grade's recording wrapper of it): the sandbox
     # records learner_side's result as one call
-    cls = _learner_object(cls)
+    cls = learner_object(cls)
     run = in_sandbox(learner_side)
     problems: list[str] = []
     for is_ff in (False, True):

@@ -5,21 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import CheckFailed, Exercise, expect
-try:
-    from .sandbox import in_sandbox
-except ImportError:  # a checkout from before course-grade's sandbox: the probe simply runs here
-    def in_sandbox(fn):
-        return fn
-
-
-def _learner_object(obj):
-    """The learner's own class beneath the grader's call wrappers (course-grade's recorder, the input guard):
-    a check that builds and probes a learner's class inside ``in_sandbox`` must call the class itself, so
-    that the sandbox records the probe's data result as the one call. (Wanted in grading/sandbox.py, shared
-    with 03.6.)"""
-    while type(obj).__name__ in ("_Recorder", "_InputGuard") and hasattr(obj, "fn"):
-        obj = obj.fn
-    return obj
+from .sandbox import in_sandbox, learner_object
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +176,7 @@ def check_qlora_linear(QLoRALinear) -> str:
 
     # learner_side runs the learner's class itself (not course-grade's recording wrapper of it): the sandbox
     # records learner_side's result as one call
-    QLoRALinear = _learner_object(QLoRALinear)
+    QLoRALinear = learner_object(QLoRALinear)
     run = in_sandbox(learner_side)
     gen = torch.Generator().manual_seed(45)
     for out_f, in_f, r, alpha, blocksize in ((24, 32, 4, 8.0, 64), (16, 48, 2, 16.0, 128)):
