@@ -180,10 +180,14 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _schedule(optimizer):
-    from ..training import cosine_with_warmup
+def _cosine_multiplier(step: int) -> float:
+    """train()'s schedule without warm-up (written here: the learner's scheduler.step() calls it, and
+    course-grade notes every course_lib function the learner's code reaches)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / _STEP_SCHEDULE_STEPS, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, 0, _STEP_SCHEDULE_STEPS))
+
+def _schedule(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_multiplier)
 
 
 def _reference_trace(seed: int, batches: list[dict], max_grad_norm: float) -> tuple[list, list]:
