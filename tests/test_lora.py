@@ -185,6 +185,51 @@ def test_dropout_acts_on_the_lora_branch_only():
     torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ layer.lora_A["default"].T) @ layer.lora_B["default"].T * 2)
 
 
+def test_dropout_in_training_equals_peft(monkeypatch):
+    """lora_dropout > 0 in train mode, the same seed before each forward: the same dropout masks in the same
+    layers, so the same logits and gradients as peft's ``lora_B(lora_A(dropout(x))) · s`` on an undropped
+    base path. The comparison has teeth: dropping the base path's input too disagrees."""
+    from course_lib.lora import LoRALinear
+
+    ours, theirs = tiny_llama(seed=0), tiny_llama(seed=0)
+    torch.manual_seed(123)
+    add_lora(ours, "all-linear", r=4, alpha=8, dropout=0.3)
+    torch.manual_seed(123)
+    theirs = peft_model(theirs, r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear")
+    randomize_B(ours, 8)
+    randomize_B(theirs, 8)
+    ours.train(), theirs.train()
+
+    def run(model):
+        torch.manual_seed(7)  # the same masks in both
+        out = model(IDS, labels=IDS)
+        out.loss.backward()
+        return out.logits.detach()
+
+    logits, expected = run(ours), run(theirs)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    ours_grads = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_grads = {n.replace("base_model.model.", "").replace(".default.weight", ""): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == theirs_grads.keys()
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, theirs_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # in eval mode dropout is the identity: the dropped-out run differed from it
+        assert (ours.eval()(IDS).logits - logits).abs().max() > 1e-3
+        torch.testing.assert_close(ours(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
+    ours.train()
+
+    def dropped_base(self, x):  # the mistake: dropout(x) fed to the frozen layer too
+        name = self.active_adapter
+        x = self.lora_dropout[name](x)
+        return self.base_layer(x) + self.scaling[name] * (x @ self.lora_A[name].T) @ self.lora_B[name].T
+
+    monkeypatch.setattr(LoRALinear, "forward", dropped_base)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        assert (ours(IDS).logits - expected).abs().max() > 1e-3
+
+
 def test_bf16_base_keeps_float32_adapters_like_peft():
     ours, theirs = tiny_llama(seed=0).to(torch.bfloat16), tiny_llama(seed=0).to(torch.bfloat16)
     torch.manual_seed(7)
