@@ -148,8 +148,8 @@ def assemble(submission, handout) -> tuple[object, list[str]]:
         if _is_exercise_cell(cell) and mine is not None and mine.cell_type == "code":
             cells.append(mine)
         else:
-            if mine is not None and mine.source != cell.source:
-                restored.append(index + 1)
+            if mine is not None and cell.cell_type == "code" and mine.source != cell.source:
+                restored.append(index + 1)  # (edited Markdown is restored too, without a word: it runs nothing)
             cells.append(copy.deepcopy(cell))
         cells.extend(added.get(cell.get("id"), []))
     if restored:
