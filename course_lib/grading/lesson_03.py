@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import CheckFailed, Exercise, expect
+from .sandbox import in_sandbox, learner_object
 
 
 def _tensors(seed: int, out_f: int = 6, in_f: int = 5, r: int = 3, batch: int = 4):
@@ -135,83 +136,93 @@ def check_matching_modules(matching_modules) -> str:
 # ---------------------------------------------------------------------------------------------
 # 03.6 debug a LoRA layer: FixedLoRALinear(base, r, alpha, dropout) with .A, .B, forward, merged_weight()
 # ---------------------------------------------------------------------------------------------
-def _layer(cls, base, r, alpha, dropout):
-    layer = cls(base, r, alpha, dropout)
-    shapes = {name: tuple(getattr(getattr(layer, name, None), "shape", ())) for name in ("A", "B")}
-    if shapes != {"A": (r, base.in_features), "B": (base.out_features, r)}:
-        raise CheckFailed(f"keep the given layout: A ({r}, in_features) = ({r}, {base.in_features}) and B "
-                          f"(out_features, r) = ({base.out_features}, {r}); got {shapes}")
-    trainable = {id(p) for p in layer.parameters() if p.requires_grad}
-    if trainable != {id(layer.A), id(layer.B)}:
-        raise CheckFailed("only A and B may train: the frozen layer's weight and bias must keep requires_grad=False")
-    return layer
-
-
 def check_fixed_lora_linear(cls) -> str:
     """Each behaviour a LoRA layer must have, checked on its own; every one that fails is reported (a
     debugging exercise: the learner learns of each bug still there, not only the first)."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(12, 10)  # with a bias, like many layers
     r, alpha, p = 4, 12.0, 0.25  # scale α/r = 3: neither 1 nor α, so a wrong scale shows
     s = alpha / r
-    layer = _layer(cls, base, r, alpha, p)
-    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))  # (batch, T, in)
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(0)
+    W, b = torch.randn(10, 12, generator=gen) * 0.3, torch.randn(10, generator=gen)  # a frozen layer with a bias
     A, B = torch.randn(r, 12, generator=gen), torch.randn(10, r, generator=gen)
-    W_before, bias_before = base.weight.detach().clone(), base.bias.detach().clone()
-    W0x = (x @ W_before.T + bias_before).detach()  # (3, 5, 10)
+    x = torch.randn(3, 5, 12, generator=gen)  # (batch, T, in)
+
+    def learner_side(W, b, A, B, x):
+        """The learner's layer on a copy of (W, b): what the check judges, as data."""
+        base = torch.nn.Linear(W.shape[1], W.shape[0])
+        with torch.no_grad():
+            base.weight.copy_(W), base.bias.copy_(b)
+        torch.manual_seed(0)
+        layer = cls(base, r, alpha, p)
+        shapes = {name: list(getattr(getattr(layer, name, None), "shape", ())) for name in ("A", "B")}
+        if shapes != {"A": [r, W.shape[1]], "B": [W.shape[0], r]}:
+            return {"layout": shapes}
+        report = {"layout": True, "trainable": sorted(n for n, q in layer.named_parameters() if q.requires_grad)}
+        with torch.no_grad():
+            report["at init"] = layer.eval()(x)
+            layer.A.copy_(A), layer.B.copy_(B)
+            report["eval"] = layer.eval()(x)
+            report["merged"] = layer.merged_weight().detach().clone()
+            report["base after merge"] = [base.weight.detach().clone(), base.bias.detach().clone()]
+            base.weight.copy_(W), base.bias.copy_(b)
+            layer.train()
+            torch.manual_seed(7)
+            report["train"] = layer(x)
+        return report
+
+    # learner_side runs the learner's class itself (not course-grade's recording wrapper of it): the sandbox
+    # records learner_side's result as one call
+    cls = learner_object(cls)
+    got = in_sandbox(learner_side)(W, b, A, B, x)
+    if got["layout"] is not True:
+        raise CheckFailed(f"keep the given layout: A (r, in_features) = ({r}, 12) and B (out_features, r) = (10, {r}); "
+                          f"got {got['layout']}")
+    if got["trainable"] != ["A", "B"]:
+        raise CheckFailed(f"only A and B may train: the frozen layer's weight and bias must keep requires_grad=False "
+                          f"(trainable now: {got['trainable']})")
+    W0x = x @ W.T + b  # (3, 5, 10)
     update = x @ A.T @ B.T  # (3, 5, 10)
-    problems = []
+    torch.manual_seed(7)
+    x_dropped = torch.nn.functional.dropout(x, p, training=True)  # the mask one nn.Dropout(p) call draws
+    dropped_update = x_dropped @ A.T @ B.T
 
     def at_init():  # (1) the layer starts as the frozen layer
-        layer.eval()
-        if not torch.allclose(layer(x), W0x, atol=1e-6):
+        if not torch.allclose(got["at init"], W0x, atol=1e-6):
             raise CheckFailed("at initialisation the layer must compute exactly what the frozen layer computes, so "
                               "training starts from the pretrained model: B must start at zero (A random)")
 
     def eval_output():  # (2) with A and B set: W₀x + b + (α/r)·B A x
-        layer.eval()
-        expect(layer(x), W0x + s * update, what="eval-mode output with A, B set", mistakes={
+        expect(got["eval"], W0x + s * update, what="eval-mode output with A, B set", mistakes={
             "the update is scaled by alpha; LoRA scales it by alpha / r": W0x + alpha * update,
             "the update is not scaled: multiply B A x by alpha / r": W0x + update,
             "the scaling is inverted: alpha / r, not r / alpha": W0x + r / alpha * update,
         })
 
     def merged():  # (3) the merged weight serves what the layer computes
-        got = layer.merged_weight()
-        if not (torch.equal(base.weight, W_before) and torch.equal(base.bias, bias_before)):
-            base.weight.copy_(W_before), base.bias.copy_(bias_before)  # so the checks after this one are fair
+        weight_after, bias_after = got["base after merge"]
+        if not (torch.equal(weight_after, W) and torch.equal(bias_after, b)):
             raise CheckFailed("merged_weight changed the frozen layer in place: return a new tensor")
         delta = B @ A  # (out, in)
-        expect(got, W_before + s * delta, what="merged weight", mistakes={
+        expect(got["merged"], W + s * delta, what="merged weight", mistakes={
             "the merged update has no alpha / r scaling, so the merged model serves another function than the "
-            "adapter: it must carry the forward pass's scale": W_before + delta,
-            "the merged update is scaled by alpha, not alpha / r": W_before + alpha * delta,
+            "adapter: it must carry the forward pass's scale": W + delta,
+            "the merged update is scaled by alpha, not alpha / r": W + alpha * delta,
         })
 
     def train_output():  # (4) train mode: dropout on the adapter's input only
-        layer.train()
-        torch.manual_seed(7)
-        got = layer(x)
-        torch.manual_seed(7)
-        x_dropped = torch.nn.functional.dropout(x, p, training=True)  # the mask one nn.Dropout(p) call draws
-        dropped_update = x_dropped @ A.T @ B.T
-        expect(got, W0x + s * dropped_update, what="train-mode output (dropout active)", mistakes={
+        expect(got["train"], W0x + s * dropped_update, what="train-mode output (dropout active)", mistakes={
             "dropout reached the frozen path: the frozen layer must see the undropped x (W₀x + b); only the "
-            "adapter's input is dropped (x → dropout → A → B)": x_dropped @ W_before.T + bias_before + s * dropped_update,
+            "adapter's input is dropped (x → dropout → A → B)": x_dropped @ W.T + b + s * dropped_update,
             "dropout is missing in train mode: LoRA drops the adapter's input (x → dropout → A → B)": W0x + s * update,
         })
 
-    with torch.no_grad():
-        for behaviour in (at_init, eval_output, merged, train_output):
-            if behaviour is eval_output:
-                layer.A.copy_(A), layer.B.copy_(B)
-            try:
-                behaviour()
-            except CheckFailed as e:
-                problems.append(str(e))
+    problems = []
+    for behaviour in (at_init, eval_output, merged, train_output):
+        try:
+            behaviour()
+        except CheckFailed as e:
+            problems.append(str(e))
     if problems:
-        raise CheckFailed(" — and: ".join(problems) if len(problems) > 1 else problems[0])
+        raise CheckFailed(" — and: ".join(problems))
     return "W₀x + (α/r)·B A dropout(x): dropout on the adapter's path only, and the merge carries α/r"
 
 EXERCISES = [
