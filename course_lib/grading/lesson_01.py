@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import CheckFailed, Exercise, expect
+from .sandbox import in_sandbox, learner_object
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,14 +162,21 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     return None
 
 
+def _detached(x):
+    return x.detach().clone() if isinstance(x, torch.Tensor) else None
+
+
 def _record_calls(model: nn.Module) -> tuple[list[dict], list]:
     """Record what reaches the model (or its inner decoder): mask, positions and the cache as it arrives."""
     calls: list[dict] = []
 
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        calls.append({"attention_mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids"),
-                      "cache": cache, "cache_tensors": _cache_tensors(cache) if cache is not None else None})
+        kind = "none" if cache is None else "tuple" if isinstance(cache, (tuple, list)) else "cache"
+        tensors = _cache_tensors(cache) if cache is not None else None
+        calls.append({"attention_mask": _detached(kwargs.get("attention_mask")),
+                      "position_ids": _detached(kwargs.get("position_ids")), "cache": kind,
+                      "cache_tensors": None if tensors is None else [[_detached(k), _detached(v)] for k, v in tensors]})
 
     handles = [model.register_forward_pre_hook(hook, with_kwargs=True),
                model.model.register_forward_pre_hook(hook, with_kwargs=True)]
@@ -194,25 +202,36 @@ def check_prefix_forward(prefix_forward) -> str:
         want = reference(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
     want_kv = split_prefix(prefix.expand(B, -1, -1), cfg.num_hidden_layers, cfg.num_key_value_heads)
 
-    learner_model = copy.deepcopy(model)
-    calls, handles = _record_calls(learner_model)
-    error = None
-    try:
-        with torch.no_grad():
-            got = prefix_forward(learner_model, input_ids.clone(), attention_mask.clone(), prefix.clone())
-    except Exception as e:  # diagnose from what reached the model before it failed
-        error, got = e, None
-    finally:
-        for h in handles:
-            h.remove()
-    diagnosis = _diagnose_prefix_call(calls[0] if calls else None, want_kv, B, L, NV, cfg)
+    def learner_side(input_ids, attention_mask, prefix):
+        """Runs where the learner's code runs: what reached the model (as data) and the logits."""
+        learner_model = copy.deepcopy(model)
+        calls, handles = _record_calls(learner_model)
+        try:
+            with torch.no_grad():
+                got = prefix_forward(learner_model, input_ids, attention_mask, prefix)
+            error = None
+        except Exception as e:  # diagnose from what reached the model before it failed
+            if not calls:
+                raise  # nothing reached the model: the error itself is the feedback
+            got, error = None, f"{type(e).__name__}: {e}"
+        finally:
+            for h in handles:
+                h.remove()
+        logits = getattr(got, "logits", got)
+        return {"call": calls[0] if calls else None, "error": error, "got_type": type(got).__name__,
+                "logits": logits if isinstance(logits, torch.Tensor) else None}
+
+    prefix_forward = learner_object(prefix_forward)
+    seen = in_sandbox(learner_side)(input_ids.clone(), attention_mask.clone(), prefix.clone())
+    error = seen["error"]
+    diagnosis = _diagnose_prefix_call(seen["call"], want_kv, B, L, NV, cfg)
     if diagnosis:
-        raise CheckFailed(diagnosis + (f" (your code then raised {type(error).__name__}: {error})" if error else ""))
+        raise CheckFailed(diagnosis + (f" (your code then raised {error})" if error else ""))
     if error is not None:
-        raise error
-    logits = getattr(got, "logits", got)
+        raise CheckFailed(f"your code raised {error}")
+    logits = seen["logits"]
     if not isinstance(logits, torch.Tensor):
-        raise CheckFailed(f"return the logits (a tensor of shape (B, L, V)), got {type(got).__name__}")
+        raise CheckFailed(f"return the logits (a tensor of shape (B, L, V)), got {seen['got_type']}")
     if tuple(logits.shape) == (B, NV + L, cfg.vocab_size):
         raise CheckFailed("the logits have NV + L positions: the prefix lives in the cache, not in the sequence, "
                           "so the model returns logits for the L real tokens only")
@@ -234,10 +253,10 @@ def _diagnose_prefix_call(call, want_kv, B, L, NV, cfg) -> str | None:
         if bool((mask[:, -NV:] == 1).all()) and not bool((mask[:, :NV] == 1).all()):
             return "the mask's ones were appended: the cached prefix comes before the tokens, so prepend them"
     kv = call["cache_tensors"]
-    if call["cache"] is None:
+    if call["cache"] == "none":
         return ("no cache reached the model: prefix tuning's prefix lives in the cache, not in the sequence — pass "
                 "its per-layer keys and values as the model's cache")
-    if isinstance(call["cache"], (tuple, list)):
+    if call["cache"] == "tuple":
         return ("the cache was a tuple of tensors: transformers ≥ 5 takes a Cache object, "
                 "DynamicCache([(keys, values), …]) with one pair per layer")
     if kv is not None and kv:
