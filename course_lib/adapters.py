@@ -83,6 +83,10 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     """Names of the linear modules to adapt: exact names or name suffixes (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``), or ``"all-linear"`` = every Linear but the output head.
     A Linear already wrapped by an adapter layer counts under its own name."""
+    if not isinstance(target_modules, str) and not (
+            isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a module name, a list of names (e.g. ['q_proj', 'v_proj']) or "
+                        f"'all-linear', got {target_modules!r}")
     if not target_modules:
         raise ValueError("target_modules is empty: name the layers to adapt (e.g. ['q_proj', 'v_proj']) or 'all-linear'")
     linears = [name for name, m in model.named_modules()

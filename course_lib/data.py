@@ -244,6 +244,10 @@ def take(stream: Iterator[str], n: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 def sentiment_examples(n: int, seed: int, split: Split = "train") -> list[dict]:
     """Story sentiment classification rows: {"story", "label"} with balanced labels."""
+    if split not in ("train", "heldout"):  # any other split matches no story: the loop below would never end
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n (the number of rows) must be a non-negative int, got {n!r}")
     rng, rows = random.Random(seed), []
     while len(rows) < n:
         story = make_story(rng, label="happy" if len(rows) % 2 == 0 else "sad")

@@ -100,6 +100,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
         # so the device is chosen while loading.
         kwargs["device_map"] = {"": str(device)}
 
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a folder, a hub id (str) or None for the embedded model, "
+                        f"got {type(name_or_path).__name__} {name_or_path!r:.60}")
     if name_or_path is None:
         verify_embedded()
         source = str(EMBEDDED_DIR)

@@ -144,6 +144,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
 
     Nearest rounding; bitsandbytes' CPU kernel instead looks the value up in a 65 536-entry table, which
     picks a neighbouring index for a small share of values (tests/test_nf4.py measures how many)."""
+    _check_input(x, blocksize)
     absmax, scaled = _blockwise_absmax_scale(x.reshape(-1).float(), blocksize)
     levels = _on_device(DYNAMIC_MAP, scaled.device)  # ascending
     right = torch.searchsorted(levels, scaled).clamp(1, len(levels) - 1)

@@ -281,6 +281,9 @@ def to_transformers(model: RewardModel, tokenizer):
 def save_reward_model(model: RewardModel, tokenizer, directory: str | Path) -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer: a checkpoint that
     ``AutoModelForSequenceClassification.from_pretrained(directory)`` loads with the same scores."""
+    if not isinstance(model, RewardModel):
+        raise TypeError(f"save_reward_model saves a RewardModel (RewardModel(causal_lm, …)), got "
+                        f"{type(model).__name__}")
     directory = Path(directory)
     to_transformers(model, tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

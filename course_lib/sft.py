@@ -27,6 +27,10 @@ def data_format(rows: list[dict]) -> str:
     naming the first bad row."""
     if not rows:
         raise ValueError("no rows to train on")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"row {i}: a row is a dict ({{'prompt', 'completion'}} or {{'messages'}}), "
+                            f"got {type(row).__name__} {row!r:.80}")
     kind = "messages" if "messages" in rows[0] else "prompt-completion"
     need = ("messages",) if kind == "messages" else ("prompt", "completion")
     for i, row in enumerate(rows):

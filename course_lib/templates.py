@@ -96,6 +96,8 @@ def task_rows(task: str, split: str, *, n: int | None = None, seed: int = 0) -> 
 
     if n is not None and (not isinstance(n, int) or n <= 0):
         raise ValueError(f"n (rows per task) must be a positive int or None, got {n!r}")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
     def keep(key: str) -> bool:
         return data.split_of(f"flan:{task}:{key}", heldout_percent=25) == split
@@ -137,7 +139,11 @@ def instruction_dataset(tasks, split: str = "train", templates: str = "train", *
     import random
 
     rows = []
+    if templates not in ("train", "heldout"):
+        raise ValueError(f"templates must be 'train' or 'heldout' (which phrasings to use), got {templates!r}")
     for task in tasks:
+        if task not in FLAN_TEMPLATES:
+            raise ValueError(f"unknown task {task!r} in tasks; tasks are {sorted(FLAN_TEMPLATES)}")
         chosen = FLAN_TEMPLATES[task][templates]
         if not chosen:
             raise ValueError(f"task {task!r} has no {templates!r} templates (it is a held-out task)")

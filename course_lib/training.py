@@ -48,6 +48,26 @@ class TrainConfig:
     split_batches: bool = True
 
     def __post_init__(self):
+        for name in ("steps", "grad_accum", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int (a count of optimizer steps / micro-batches), got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number (e.g. 1e-3 for LoRA), got {self.lr!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (the cosine decays to lr · min_lr_ratio), "
+                             f"got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, or None for no clipping, got {self.max_grad_norm}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's decay rates, e.g. (0.9, 0.999)), "
+                             f"got {self.betas!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.grad_accum <= 0:
@@ -246,6 +266,9 @@ def train(
     ``callback(step, model, history)`` runs after every optimizer step (evaluation, early stop by
     raising ``StopIteration``).
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (e.g. TrainConfig(steps=100, lr=1e-3)), "
+                        f"got {type(config).__name__}")
     torch.manual_seed(config.seed)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     optimizer = make_optimizer(model.parameters(), config)
@@ -274,7 +297,15 @@ def train(
 
     def next_batch() -> dict:
         nonlocal micro_step
-        batch = batches(micro_step) if source is None else next(source)
+        try:
+            batch = batches(micro_step) if source is None else next(source)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {micro_step} micro-batch(es), but {config.steps} steps × "
+                             f"grad_accum={config.grad_accum} need {config.steps * config.grad_accum}: pass more "
+                             f"batches, fewer steps, or a function micro_step -> batch") from None
+        if not isinstance(batch, dict):
+            raise TypeError(f"batch {micro_step} is a {type(batch).__name__}; a batch is a dict of tensors "
+                            f"(input_ids, attention_mask, labels, …)")
         micro_step += 1
         if world > 1 and config.split_batches:
             batch = _split_rows(batch, rank, world)
