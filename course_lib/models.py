@@ -64,6 +64,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _cached_snapshot(name: str) -> str | None:
+    """The local folder of hub id ``name`` if the hub cache holds its config, else None (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
+
+
 def _offline_error(name: str) -> OSError:
     return OSError(
         f"cannot load {name!r}: it is not a local folder, and the Hugging Face Hub cannot be reached "
@@ -117,12 +128,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
             raise FileNotFoundError(f"no model folder at {path.resolve()} (check the path; None loads the embedded model)")
         else:  # a hub id: try the local cache first, then the network, failing fast when offline
             source = name
-            try:
-                return _finish(AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs),
-                               AutoTokenizer.from_pretrained(name, local_files_only=True), device, quantization)
-            except OSError:
-                if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-                    raise _offline_error(name) from None
+            cached = _cached_snapshot(name)
+            if cached is not None:  # load the folder: from_pretrained(hub id) asks the hub for an adapter config
+                # even with local_files_only, retrying for ~15 s when it cannot be reached
+                return _finish(AutoModelForCausalLM.from_pretrained(cached, **kwargs),
+                               AutoTokenizer.from_pretrained(cached), device, quantization)
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+                raise _offline_error(name)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return _finish(model, tokenizer, device, quantization)
