@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,16 @@ SYLLABUS = {
 }
 
 
+def write_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through ``path.partial`` and a rename: a reader, or a run interrupted
+    half-way, never leaves a half-written file under the real name."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path
+
+
 def lesson_notebooks() -> dict[str, Path]:
     """Available lessons: ``{"00": notebooks/00_foundations.ipynb, ...}``."""
     return {p.name[:2]: p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))}
@@ -58,7 +69,7 @@ def record_metrics(path: str | os.PathLike | None, *, headline: str, lesson: str
     this one's (:func:`recorded_metrics`) — by hand or under ``course-lab`` alike."""
     record = {"headline": headline, "metrics": metrics}
     if path:
-        Path(path).write_text(json.dumps(record, indent=2, default=float) + "\n")
+        write_atomically(path, json.dumps(record, indent=2, default=float) + "\n")
     if lesson is not None:
         import platform
         from datetime import datetime, timezone
@@ -128,7 +139,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, cell_timeout: int)
         status = "error"
         detail = f"{e.ename}: {e.evalue}"
     seconds = time.perf_counter() - start
-    nbformat.write(nb, out_dir / path.name)
+    write_atomically(out_dir / path.name, nbformat.writes(nb))
     result = NotebookResult(path.name[:2], path.name, status, round(seconds, 1), detail=detail)
     if metrics_path.exists():
         record = json.loads(metrics_path.read_text())
@@ -175,6 +186,8 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     notebooks = lesson_notebooks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("report.md", "report.json"):  # a previous run's report must not pass for this one's,
+        (out_dir / stale).unlink(missing_ok=True)  # should this run be interrupted before it writes its own
     results = []
     bar = tqdm(lessons, desc="lab", unit="notebook")
     for lesson in bar:
@@ -183,11 +196,15 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     bar.close()
     table = format_table(results)
     header = f"course-lab · profile {profile} · model {model or 'embedded'} · {time.strftime('%Y-%m-%d %H:%M')}"
-    (out_dir / "report.md").write_text(f"# {header}\n\n```\n{table}\n```\n")
-    (out_dir / "report.json").write_text(json.dumps(
+    write_atomically(out_dir / "report.json", json.dumps(
         {"profile": profile, "model": model, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    write_atomically(out_dir / "report.md", f"# {header}\n\n```\n{table}\n```\n")
     print(f"\n{header}\n{table}\n\nexecuted notebooks and report: {out_dir}")
     return results
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"course-lab: error: {e}", file=sys.stderr)
         return 2
-    results = run_lab(args.profile, args.model, args.only, args.out, args.cell_timeout)
+    # SIGTERM (kill, a CI job cancelled) unwinds like Ctrl-C, so the kernel of the running notebook is shut
+    # down by nbclient's cleanup instead of being orphaned, and no report is written
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = run_lab(args.profile, args.model, args.only, args.out, args.cell_timeout)
+    except KeyboardInterrupt:
+        print(f"\ncourse-lab: interrupted; no report written to {args.out}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # While a cell runs, nbclient takes SIGINT/SIGTERM itself: it shuts the kernel down, then fails on
+        # its own second cleanup (AssertionError); any other error lands here too. Either way: no report.
+        print(f"\ncourse-lab: stopped by {type(e).__name__}: {e}; interrupted or failed, no report written to "
+              f"{args.out}", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
