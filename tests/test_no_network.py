@@ -113,3 +113,42 @@ def test_a_lesson_and_the_grader_run_with_the_network_refused():
     attempts = done.stdout.split("ATTEMPTS=")[1].strip()
     assert "huggingface.co" in attempts or attempts == "[]", attempts
     assert time.perf_counter() - started < 200
+
+
+CACHED = textwrap.dedent("""
+    import sys, time
+    import torch
+    from course_lib.models import load_model
+    start = time.perf_counter()
+    model, _ = load_model("course-test/cached-model", device="cpu")
+    seconds = time.perf_counter() - start
+    embedded, _ = load_model(None, device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, embedded(ids).logits)
+    assert not ATTEMPTS, ATTEMPTS  # a cached model needs no connection, not even a check
+    print(f"CACHED_S={seconds:.2f}")
+""")
+
+
+def test_a_cached_hub_id_loads_from_the_cache_without_the_network(tmp_path):
+    """load_model("org/name") of a model in the hub cache loads the cached snapshot and never connects."""
+    import shutil
+
+    from course_lib.models import EMBEDDED_DIR
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--course-test--cached-model"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in EMBEDDED_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, snapshot / f.name)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_CACHE=str(tmp_path / "hub"))
+    done = subprocess.run([sys.executable, "-c", REFUSE_NETWORK + CACHED], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert float(done.stdout.split("CACHED_S=")[1].split()[0]) < 15
