@@ -10,7 +10,6 @@ here the reference for an artefact the other library loads is that library loadi
 """
 
 import copy
-import dataclasses
 import json
 import os
 import subprocess
