@@ -356,6 +356,8 @@ def add_lora(model: nn.Module, target_modules: str | Iterable[str] | None = None
         raise ValueError(f"adapter_name must be a non-empty string other than {BASE!r}, got {adapter_name!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number (the scale is alpha / r), got {alpha!r}")
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     names = find_targets(model, adapters.default_targets(model, "lora") if target_modules is None else target_modules)

@@ -202,13 +202,15 @@ CASES = [
      FileNotFoundError, r"nothing holds no adapter_config\.json: not a saved adapter"),
     ("ia3.load_adapter/lora-folder", lambda c: ia3.load_adapter(c["copy"](), c["tmp"] / "lora"),
      ValueError, r"lora holds a LORA adapter, not IA3"),
-    # --- lora (rows that pass today; course_lib/lora.py is another helper's file)
+    # --- lora
     ("lora.add_lora/r=0", lambda c: lora.add_lora(c["copy"](), ["q_proj"], r=0),
      ValueError, r"LoRA rank r=0 must be an integer in 1\.\.min\(in, out\)"),
     ("lora.add_lora/dropout", lambda c: lora.add_lora(c["copy"](), ["q_proj"], dropout=1.0),
      ValueError, r"dropout must be in \[0, 1\), got 1\.0"),
     ("lora.add_lora/targets-empty", lambda c: lora.add_lora(c["copy"](), []),
      ValueError, r"target_modules is empty: name the layers to adapt"),
+    ("lora.add_lora/alpha-string", lambda c: lora.add_lora(c["copy"](), ["q_proj"], alpha="16"),
+     TypeError, r"alpha must be a number \(the scale is alpha / r\), got '16'"),
     ("lora.add_lora/adapter_name", lambda c: lora.add_lora(c["copy"](), ["q_proj"], adapter_name=""),
      ValueError, r"adapter_name must be a non-empty string"),
     ("lora.add_lora/use_dora", lambda c: lora.add_lora(c["copy"](), ["q_proj"], use_dora="yes"),
