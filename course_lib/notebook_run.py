@@ -67,7 +67,20 @@ def execute_notebook(nb, cwd: str | os.PathLike, *, cell_timeout: float,
         resources={"metadata": {"path": str(Path(cwd).resolve())}}, config=config)
     if on_cell_execute is not None:
         client.on_cell_execute = lambda cell, cell_index: on_cell_execute(cell, cell_index)
+    # nbclient takes SIGINT/SIGTERM itself while a notebook runs: it only shuts the kernel down, and what
+    # follows is a dead-kernel error, an AssertionError or even a normal return. Its handler leaves
+    # `_async_cleanup_kernel_future` behind; seeing it, stop the caller as Ctrl-C would.
+    def interrupted() -> bool:
+        return getattr(client, "_async_cleanup_kernel_future", None) is not None
+
     try:
-        return client.execute(env=kernel_env())
+        result = client.execute(env=kernel_env())
+    except BaseException:
+        if interrupted():
+            raise KeyboardInterrupt("interrupted (SIGINT/SIGTERM) while a notebook ran") from None
+        raise
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
+    if interrupted():
+        raise KeyboardInterrupt("interrupted (SIGINT/SIGTERM) while a notebook ran")
+    return result

@@ -78,14 +78,17 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_every_artefact_reloads_bit_identically_in_a_fresh_process(embedded, tmp_path):
+def test_every_artefact_reloads_bit_identically_in_a_fresh_process(tmp_path):
     from peft import (IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model)
 
     from course_lib import ia3, lora, soft_prompts
     from course_lib import reward_model as rm
     from course_lib.nf4 import dequantize_nf4, quantize_nf4
 
-    base, tok = embedded
+    from course_lib.models import load_model
+
+    # a fresh copy, not the session fixture: another test in the same worker may have changed that one
+    base, tok = load_model(None, device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same kernels (and summation order) as the fresh process
     try:
