@@ -359,24 +359,20 @@ def gradebook_rows(cards: list[dict]) -> list[dict]:
     return rows
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)  # an interrupted run leaves no half-written gradebook that looks complete
-
-
 def write_gradebook(cards: list[dict], csv_path: Path | None = None, json_path: Path | None = None) -> None:
     import csv
     import io
+
+    from ..lab import write_atomically  # an interrupted run leaves no half-written gradebook
 
     if csv_path is not None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=GRADEBOOK_FIELDS)
         writer.writeheader()
         writer.writerows(gradebook_rows(cards))
-        _write_atomically(Path(csv_path), buffer.getvalue())
+        write_atomically(csv_path, buffer.getvalue())
     if json_path is not None:
-        _write_atomically(Path(json_path), json.dumps({"submissions": cards}, indent=2) + "\n")
+        write_atomically(json_path, json.dumps({"submissions": cards}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
