@@ -9,9 +9,8 @@ when the answer is wrong, says which plausible mistake it matches.
 from __future__ import annotations
 
 import importlib
-import json
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
