@@ -1,8 +1,7 @@
 """``course-bench dpo``: a DPO step through course_lib and through TRL's ``DPOTrainer``, and the memory
 of the two ways to hold the reference (the adapter switched off vs a second, frozen model).
 
-Registered in ``course_lib.bench`` as ``BENCHMARKS["dpo"] = bench_dpo``; timed like ``course-bench sft``
-(medians of alternating runs in one process).
+Timed like ``course-bench sft`` (medians of alternating runs in one process).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import torch
 
 def _ending_rows(n: int, seed: int = 0) -> list[dict]:
     """Story openers with a happy (chosen) and a sad (rejected) ending."""
-    from . import data
+    from .. import data
 
     return data.preference_rows("ending", "train", n=n, seed=seed)
 
@@ -43,12 +42,13 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .bench import TRL_VARIANTS, alternate_all, ready_for_steps, trainer_steps, trl_settings, trl_step_times
-    from .dpo import DPOLoss, dpo_batches
-    from .lora import add_lora
-    from .memory import measure_peak_memory, tensor_bytes
-    from .models import load_model
-    from .training import TrainConfig, train
+    from ..dpo import DPOLoss, dpo_batches
+    from ..lora import add_lora
+    from ..memory import measure_peak_memory, tensor_bytes
+    from ..models import load_model
+    from ..training import TrainConfig, train
+    from .timing import alternate_all
+    from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

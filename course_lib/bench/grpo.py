@@ -1,8 +1,7 @@
 """``course-bench grpo``: a GRPO step, generation included, through course_lib and through TRL's
 ``GRPOTrainer``, and the generation throughput of each (completion tokens per second).
 
-Registered in ``course_lib.bench`` as ``BENCHMARKS["grpo"] = bench_grpo``; timed like ``course-bench dpo``
-(medians of alternating runs in one process).
+Timed like ``course-bench dpo`` (medians of alternating runs in one process).
 """
 
 from __future__ import annotations
@@ -59,12 +58,12 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
-    from . import data
-    from .bench import (TRL_VARIANTS, alternate, alternate_all, ready_for_steps, trainer_steps, trl_settings,
-                        trl_step_times)
-    from .grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
-    from .lora import add_lora
-    from .models import load_model
+    from .. import data
+    from ..grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
+    from ..lora import add_lora
+    from ..models import load_model
+    from .timing import alternate, alternate_all
+    from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -1,0 +1,32 @@
+"""Timing that survives a noisy, shared machine: the functions under comparison run alternately
+(A/B/A/B…) and each one's median is reported, so drift in machine load hits every side alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
+              sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b``, run alternately so drift in machine load hits both alike."""
+    t_a, t_b = alternate_all([a, b], repeats=repeats, warmup=warmup, sync=sync)
+    return t_a, t_b
+
+
+def alternate_all(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+                  sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Median seconds of each function, run in turn (A/B/C/A/B/C…)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
