@@ -47,11 +47,12 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from ..memory import measure_peak_memory, tensor_bytes
     from ..models import load_model
     from ..training import TrainConfig, train
+    from .device import bench_device, device_name, synchronizer
     from .timing import alternate_all
     from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = bench_device(args)
+    cuda = device.type == "cuda"
     steps, batch_size, beta = getattr(args, "steps", None) or 10, 8, 0.1
     rows = _ending_rows(steps * batch_size)
     ours, tokenizer = load_model(None, device=device)
@@ -80,7 +81,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(device)
     t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
                                    repeats=args.repeats, sync=sync)
     t_theirs = dict(zip(variants, t_trl))
@@ -95,11 +96,15 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     held_adapter, peak_adapter = measure_peak_memory(lambda: dpo_steps(False), device)
     held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
 
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
+    result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "batch_pairs": batch_size, **trl_step_times(t_ours, t_theirs, steps),
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
               "weights_held_mb": {"adapter_off": held_adapter / 1e6, "separate_reference": held_separate / 1e6},
-              "memory_method": peak_adapter.method, "trl_settings": settings}
+              "memory_method": peak_adapter.method, "trl_settings": settings,
+              "settings": {"course_lib": "float32, checkpointing off, pairs padded to the longest in the batch, "
+                                         "reference = the adapter switched off",
+                           **{f"trl_{k}": f"{v}, pairs padded to the longest in the batch, reference = the adapter "
+                                          "switched off" for k, v in settings.items()}}}
     print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
           f"batch {batch_size} pairs · {steps} steps per run")
     print(f"  step  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer, its defaults ({settings['defaults']}) "

@@ -62,11 +62,12 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from ..grpo import GRPOConfig, addition_rows, correctness_reward, grpo_train, sample_completions
     from ..lora import add_lora
     from ..models import load_model
+    from .device import bench_device, device_name, synchronizer
     from .timing import alternate, alternate_all
     from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = bench_device(args)
+    cuda = device.type == "cuda"
     steps = getattr(args, "steps", None) or DEFAULT_STEPS
     rows = addition_rows(data.addition_pairs("train"))
     ours, tokenizer = load_model(None, device=device)
@@ -110,7 +111,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(device)
     t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
                                    repeats=args.repeats, sync=sync)
     t_theirs = dict(zip(variants, t_trl))
@@ -139,12 +140,15 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     throughput = [tokens["ours"] / g_ours, tokens["theirs"] / g_theirs]
 
     rows_per_step = PROMPTS_PER_STEP * GROUP_SIZE
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": "embedded", "steps": steps,
+    result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
               **trl_step_times(t_ours, t_theirs, steps),
               "generation_s": [g_ours, g_theirs], "generation_tokens": [tokens["ours"], tokens["theirs"]],
-              "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs, "trl_settings": settings}
+              "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs, "trl_settings": settings,
+              "settings": {"course_lib": "float32, checkpointing off, log-probs from the LM head over the completion (logits_to_keep), constant lr",
+                           **{f"trl_{k}": f"{v}, log-probs from its chunked LM head, linear lr decay"
+                              for k, v in settings.items()}}}
     print(f"grpo · {result['device']} · embedded model · LoRA r=8 all-linear · {LOSS_TYPE} β={BETA} · "
           f"{PROMPTS_PER_STEP} prompts × G={GROUP_SIZE} = {rows_per_step} completions of ≤{MAX_COMPLETION_LENGTH} "
           f"tokens per step · {steps} steps per run")
