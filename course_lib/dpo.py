@@ -20,7 +20,8 @@ What this module holds, each checked against TRL 1.16's ``DPOTrainer`` in tests/
   explicit-prompt format) → one batch of 2B sequences, the B chosen then the B rejected, with a
   ``completion_mask`` (TRL's collator layout);
 * ``sequence_logprobs`` — Σ log p over completion tokens for all 2B sequences in ONE forward pass
-  (TRL's concatenated forward); ``reference_logprobs`` — the same with the LoRA adapter switched off
+  (TRL's concatenated forward), or with each pair's prompt run once (``share_prompt``: prefix sharing,
+  the default of the training loss); ``reference_logprobs`` — the same with the LoRA adapter switched off
   (the base model is the reference, no second copy) or with a separate reference model;
 * ``dpo_loss`` — the loss family ``sigmoid`` · ``robust`` · ``hinge`` · ``ipo`` and the implicit rewards;
 * ``DPOLoss`` / ``run_dpo`` — a loss for ``training.train`` and the loop, logging TRL's metric names;
@@ -39,6 +40,7 @@ from torch import nn
 
 from .data import check_preference_rows
 from .rl import token_logprobs
+from .shared_prefix import completion_logps_shared_prompt, split_prompt_and_completion
 from .templates import pad_right, tokenize_prompt_and_completion, unpad
 from .training import History, ShuffledEpochs, TrainConfig, train
 
@@ -180,12 +182,17 @@ def dpo_batches(rows: list[dict], tokenizer, batch_size: int, *, max_length: int
 # ------------------------------------------------------------------------------------------------
 # Sequence log-probs: policy and reference
 # ------------------------------------------------------------------------------------------------
-def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], *, share_prompt: bool = False) -> torch.Tensor:
     """Σ_t log π(y_t | x, y_<t) over each sequence's completion tokens: (2B, T) batch → (2B,).
 
     One forward pass for chosen and rejected together. Only the logits that predict a completion token
     are computed (``logits_to_keep``: positions from the earliest completion start on), so the prompt
-    costs no LM-head work; the mask then drops the prompt and padding positions that remain."""
+    costs no LM-head work; the mask then drops the prompt and padding positions that remain.
+
+    ``share_prompt``: run each pair's prompt once for both completions (prefix sharing, Wang et al. 2024;
+    :mod:`course_lib.shared_prefix`) — the same values up to float rounding, with ~⅓ fewer tokens
+    through the model here. Pairs whose chosen and rejected rows carry different prompts make the whole
+    batch fall back to the concatenated forward."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (2B, T) each
     width = input_ids.shape[1]
     has_completion = completion_mask.any(dim=1)
@@ -195,11 +202,30 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     first = int(completion_mask.float().argmax(dim=1).min())  # earliest completion token in the batch
     if first == 0:
         raise ValueError("a completion starts at position 0: nothing predicts it; every sequence needs a prompt")
+    if share_prompt:
+        shared = _shared_prompt_logprobs(model, batch)
+        if shared is not None:
+            return shared
     keep = width - first + 1  # logits at positions first−1 … T−1
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
                    use_cache=False).logits  # (2B, keep, V)
     per_token = token_logprobs(logits[:, :-1], input_ids[:, first:])  # (2B, T − first): predicts tokens first…T−1
     return (per_token * completion_mask[:, first:]).sum(dim=1)  # (2B,)
+
+
+def _shared_prompt_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """:func:`sequence_logprobs` with each pair's prompt run once (packed prompt ++ chosen ++ rejected);
+    None when some pair's two rows do not carry the same prompt."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = split_prompt_and_completion(
+        batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B, Tp) ×2, (2B, Tc) ×2
+    pairs = prompt_ids.shape[0] // 2
+    if not (torch.equal(prompt_ids[:pairs], prompt_ids[pairs:]) and torch.equal(prompt_mask[:pairs], prompt_mask[pairs:])):
+        return None
+    interleaved = torch.arange(2 * pairs, device=prompt_ids.device).view(2, pairs).T.flatten()  # c0, r0, c1, r1, …
+    per_token = completion_logps_shared_prompt(model, prompt_ids[:pairs], prompt_mask[:pairs],
+                                               completion_ids[interleaved], completion_mask[interleaved],
+                                               n_per_prompt=2)  # (2B, Tc), 0 on padding
+    return per_token.sum(dim=1).view(pairs, 2).T.flatten()  # (2B,): the B chosen, then the B rejected
 
 
 def completion_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,7 +248,7 @@ def as_reference(model: nn.Module):
 
 
 def reference_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
-                       reference: nn.Module | None = None) -> torch.Tensor:
+                       reference: nn.Module | None = None, *, share_prompt: bool = False) -> torch.Tensor:
     """Σ log π_ref over completion tokens (2B,), without gradient: the batch's precomputed values if it
     carries them, else a forward of ``reference`` (a separate frozen model) or of ``model`` with its
     adapter off."""
@@ -230,22 +256,24 @@ def reference_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
         return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
     with torch.no_grad():
         if reference is not None:
-            return sequence_logprobs(reference, batch)
+            return sequence_logprobs(reference, batch, share_prompt=share_prompt)
         with as_reference(model):
-            return sequence_logprobs(model, batch)
+            return sequence_logprobs(model, batch, share_prompt=share_prompt)
 
 
 def precompute_reference_logprobs(model: nn.Module, rows: list[dict], tokenizer, *, batch_size: int = 32,
-                                  reference: nn.Module | None = None, max_length: int | None = None) -> list[dict]:
+                                  reference: nn.Module | None = None, max_length: int | None = None,
+                                  share_prompt: bool = True) -> list[dict]:
     """The rows with ``ref_chosen_logps`` / ``ref_rejected_logps`` added (TRL's column names), computed
-    once. Batches built from them skip the reference forward, and the reference need not stay in memory."""
+    once. Batches built from them skip the reference forward, and the reference need not stay in memory.
+    ``share_prompt``: each pair's prompt run once (see :func:`sequence_logprobs`)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     pairs = _tokenize_row_pairs(rows, tokenizer, max_length)
     out = []
     for start in range(0, len(rows), batch_size):
         batch = {k: _to(v, device) for k, v in collate_pairs(pairs[start:start + batch_size], pad).items()}
-        chosen, rejected = reference_logprobs(model, batch, reference).chunk(2)  # (B,) each
+        chosen, rejected = reference_logprobs(model, batch, reference, share_prompt=share_prompt).chunk(2)  # (B,) each
         for row, c, r in zip(rows[start:start + batch_size], chosen.tolist(), rejected.tolist()):
             out.append({**row, "ref_chosen_logps": c, "ref_rejected_logps": r})
     return out
@@ -261,17 +289,22 @@ class DPOLoss:
     Each call keeps its batch's metrics (TRL's names) in ``pending``; :meth:`log` averages them into a
     History once per optimizer step (over the gradient-accumulation micro-batches, as TRL logs).
     The reward metrics use summed log-probs for every loss type, as TRL's do (also for ``ipo``, whose
-    loss sees the per-token averages)."""
+    loss sees the per-token averages).
+
+    ``share_prompt`` (default on: exact up to float rounding) runs each pair's prompt once for chosen and
+    rejected, in the policy and in the reference forward (prefix sharing, Wang et al. 2024, arXiv:2410.20305;
+    :mod:`course_lib.shared_prefix`); off, both run TRL's concatenated forward over the 2B full sequences."""
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, share_prompt: bool = True):
         dpo_loss(*[torch.zeros(1)] * 4, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # validate now
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
+        self.share_prompt = share_prompt
         self.pending: list[dict[str, float]] = []
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        policy = sequence_logprobs(model, batch)  # (2B,)
-        ref = reference_logprobs(model, batch, self.reference).to(policy.device)  # (2B,)
+        policy = sequence_logprobs(model, batch, share_prompt=self.share_prompt)  # (2B,)
+        ref = reference_logprobs(model, batch, self.reference, share_prompt=self.share_prompt).to(policy.device)  # (2B,)
         losses, metrics = self.pair_losses(policy, ref, completion_lengths(batch))
         self.pending.append(metrics)
         return losses.mean()
@@ -304,9 +337,10 @@ class DPOLoss:
 @torch.no_grad()
 def preference_metrics(model: nn.Module, tokenizer, rows: list[dict], *, beta: float = 0.1,
                        batch_size: int = 32, reference: nn.Module | None = None,
-                       max_length: int | None = None) -> dict[str, float]:
+                       max_length: int | None = None, share_prompt: bool = True) -> dict[str, float]:
     """TRL's reward metrics over all ``rows`` (e.g. held-out pairs), in eval mode: ``rewards/accuracies``
-    is the share of pairs whose chosen completion gets the higher implicit reward β·log(π/π_ref)."""
+    is the share of pairs whose chosen completion gets the higher implicit reward β·log(π/π_ref).
+    ``share_prompt``: each pair's prompt run once (see :func:`sequence_logprobs`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -316,8 +350,8 @@ def preference_metrics(model: nn.Module, tokenizer, rows: list[dict], *, beta: f
         for start in range(0, len(rows), batch_size):
             batch = {k: _to(v, device) for k, v in collate_pairs(pairs[start:start + batch_size],
                                                                tokenizer.pad_token_id).items()}
-            policy_c, policy_r = sequence_logprobs(model, batch).chunk(2)
-            ref_c, ref_r = reference_logprobs(model, batch, reference).chunk(2)
+            policy_c, policy_r = sequence_logprobs(model, batch, share_prompt=share_prompt).chunk(2)
+            ref_c, ref_r = reference_logprobs(model, batch, reference, share_prompt=share_prompt).chunk(2)
             chosen.append(beta * (policy_c - ref_c))
             rejected.append(beta * (policy_r - ref_r))
     finally:
@@ -330,13 +364,14 @@ def run_dpo(model: nn.Module, rows: list[dict], tokenizer, config: TrainConfig, 
             lora_targets="all-linear", r: int = 8, alpha: float = 16, reference: nn.Module | None = None,
             precompute_reference: bool = False, max_length: int | None = None,
             eval_rows: list[dict] | None = None, eval_every: int = 0, device=None,
-            autocast_dtype=None) -> History:
+            autocast_dtype=None, share_prompt: bool = True) -> History:
     """DPO-train ``model`` in place on preference ``rows`` with the shared loop; returns the History.
 
     A LoRA adapter is added unless the model already has LoRA layers (then those train) or a separate
     ``reference`` model is given (then every trainable weight trains: full fine-tuning against the frozen
     copy). The reference is the model with its adapter off, or ``reference``; ``precompute_reference``
     computes its log-probs once before the first step (and the loss then holds no reference model).
+    ``share_prompt`` runs each pair's prompt once for chosen and rejected (exact; see :class:`DPOLoss`).
     ``history.extra`` holds TRL's metric names per optimizer step (loss, rewards/chosen, rewards/rejected,
     rewards/margins, rewards/accuracies, logps/…); with ``eval_rows`` and ``eval_every`` > 0 also
     ``eval/step`` and ``eval/rewards/…`` on those rows, before training and every ``eval_every`` steps.
@@ -351,8 +386,9 @@ def run_dpo(model: nn.Module, rows: list[dict], tokenizer, config: TrainConfig, 
     if reference is None and not any(isinstance(m, LoRALinear) for m in model.modules()):
         add_lora(model, lora_targets, r=r, alpha=alpha)
     if precompute_reference:
-        rows = precompute_reference_logprobs(model, rows, tokenizer, reference=reference, max_length=max_length)
-    loss_fn = DPOLoss(beta, loss_type, label_smoothing, None if precompute_reference else reference)
+        rows = precompute_reference_logprobs(model, rows, tokenizer, reference=reference, max_length=max_length,
+                                             share_prompt=share_prompt)
+    loss_fn = DPOLoss(beta, loss_type, label_smoothing, None if precompute_reference else reference, share_prompt)
     batches = dpo_batches(rows, tokenizer, batch_size, max_length=max_length, seed=config.seed)
 
     evaluating = eval_rows is not None and eval_every > 0
@@ -360,7 +396,7 @@ def run_dpo(model: nn.Module, rows: list[dict], tokenizer, config: TrainConfig, 
 
     def evaluate(step: int) -> None:
         metrics = preference_metrics(model, tokenizer, eval_rows, beta=beta, reference=reference,
-                                     max_length=max_length)
+                                     max_length=max_length, share_prompt=share_prompt)
         for name, value in {"step": step, **metrics}.items():
             evals.setdefault(f"eval/{name}", []).append(value)
 

@@ -365,12 +365,41 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, end_ids: Sequence[int
     return (positions <= first_end.unsqueeze(1)).long()
 
 
+def _prefilled_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """The KV cache of every prompt but its last token, computed once per prompt and then repeated for
+    its G completions — (P, Tp − 1) → a cache of N = P·G rows; None if a prompt is one token long.
+    ``generate`` then runs only the last prompt token and the new ones (prefix caching, as vLLM and
+    SGLang share a prompt's cache between the sequences sampled from it)."""
+    from transformers import DynamicCache
+
+    if prompt_ids.shape[1] < 2 or not bool(prompt_mask[:, :-1].any(dim=1).all()):
+        return None  # a one-token prompt leaves nothing to prefill
+    head, head_mask = prompt_ids[:, :-1], prompt_mask[:, :-1]  # (P, Tp − 1)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(dim=1) - 1).clamp(min=0),
+          use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
+    cache.batch_repeat_interleave(group_size)  # every layer's keys and values: (P, …) → (P·G, …)
+    return cache
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """transformers 5.2x names the forward's cache argument ``cache`` (``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_completions(model: nn.Module, tokenizer, rows: list[dict], group_size: int, *, max_new_tokens: int,
-                       temperature: float = 1.0, stop_tokens: Sequence[str] = ()) -> Rollout:
+                       temperature: float = 1.0, stop_tokens: Sequence[str] = (),
+                       share_prompt: bool = False) -> Rollout:
     """Sample ``group_size`` completions of every row's ``"prompt"`` in ONE batched ``model.generate``
     call (KV cache on, left padding, pure sampling at ``temperature``: no top-k / top-p, like TRL's
-    defaults). Uses the global torch RNG, so seed it for a reproducible rollout."""
+    defaults). Uses the global torch RNG, so seed it for a reproducible rollout.
+
+    ``share_prompt``: encode each prompt once and hand ``generate`` its cache repeated G times, instead
+    of encoding every prompt G times (what ``generate`` does with repeated prompts, and TRL with it). The
+    logits are the same up to float rounding, so with the same seed the samples are the same."""
     if group_size < 2:
         raise ValueError(f"group_size must be ≥ 2 (GRPO's baseline is the group), got {group_size}")
     if max_new_tokens <= 0:
@@ -384,16 +413,19 @@ def sample_completions(model: nn.Module, tokenizer, rows: list[dict], group_size
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end together
     try:
-        enc = tokenizer([row["prompt"] for row in repeated], return_tensors="pt", padding=True).to(device)
+        distinct = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True).to(device)  # (P, Tp)
     finally:
         tokenizer.padding_side = side
+    enc = {key: value.repeat_interleave(group_size, dim=0) for key, value in distinct.items()}  # (N, Tp)
     end_ids = _end_token_ids(model, tokenizer, stop_tokens)
     was_training = model.training
     model.eval()
     try:
+        cache = _prefilled_cache(model, distinct["input_ids"], distinct["attention_mask"], group_size) if share_prompt else None
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                              top_k=None, top_p=None, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=end_ids)  # (N, Tp + Tc)
+                             eos_token_id=end_ids,
+                             **({_cache_argument(model): cache} if cache is not None else {}))  # (N, Tp + Tc)
     finally:
         model.train(was_training)
     completion_ids = out[:, enc["input_ids"].shape[1]:]  # (N, Tc)
@@ -407,11 +439,20 @@ def sample_completions(model: nn.Module, tokenizer, rows: list[dict], group_size
 
 
 def completion_logprobs(model: nn.Module, rollout: Rollout, *, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log π(o_t | q, o_<t) of the rollout's completion tokens under ``model``, from logits
     divided by the sampling ``temperature`` (as TRL): (N, Tc), and the entropy of each predicted
     distribution (N, Tc) when asked. Position ids skip the left padding, so each token sees the same
-    positions as during generation. Gradients flow unless the caller disables them."""
+    positions as during generation. Gradients flow unless the caller disables them.
+
+    ``share_prompt``: each prompt runs once for its G completions (packed with a prefix-sharing mask,
+    :mod:`course_lib.shared_prefix`): the same values up to float rounding on the completion tokens, and
+    0 (log-prob and entropy) on the padding after a completion's end. A rollout whose groups do not
+    share one prompt row falls back to the full sequences."""
+    if share_prompt:
+        shared = _shared_prompt_logprobs(model, rollout, temperature, with_entropy)
+        if shared is not None:
+            return shared
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # (N, Tp + Tc)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -420,6 +461,28 @@ def completion_logprobs(model: nn.Module, rollout: Rollout, *, temperature: floa
                    logits_to_keep=n_completion + 1).logits[:, :-1]  # (N, Tc, V): position t predicts token t+1
     logp = token_logprobs(logits, rollout.completion_ids, temperature=temperature)  # (N, Tc)
     entropy = entropy_from_logits(logits.detach().float() / temperature) if with_entropy else None
+    return logp, entropy
+
+
+def _shared_prompt_logprobs(model: nn.Module, rollout: Rollout, temperature: float,
+                            with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    from .shared_prefix import completion_logits_shared_prompt
+
+    group = rollout.group_size
+    n_rows, prompt_width = rollout.prompt_ids.shape
+    if n_rows % group:
+        return None
+    prompt_ids, prompt_mask = rollout.prompt_ids[::group], rollout.prompt_mask[::group]  # (P, Tp)
+    grouped_ids = rollout.prompt_ids.view(-1, group, prompt_width)
+    grouped_mask = rollout.prompt_mask.view(-1, group, prompt_width)
+    if not (torch.equal(grouped_ids, prompt_ids[:, None].expand_as(grouped_ids))
+            and torch.equal(grouped_mask, prompt_mask[:, None].expand_as(grouped_mask))):
+        return None  # rows of one group carry different prompts
+    mask = rollout.completion_mask
+    logits = completion_logits_shared_prompt(model, prompt_ids, prompt_mask, rollout.completion_ids, mask,
+                                             group)  # (N, Tc, V)
+    logp = token_logprobs(logits, rollout.completion_ids, temperature=temperature) * mask  # (N, Tc)
+    entropy = entropy_from_logits(logits.detach().float() / temperature) * mask if with_entropy else None
     return logp, entropy
 
 
@@ -461,6 +524,7 @@ class GRPOConfig:
     progress: bool = True
     desc: str = "grpo"
     eval_every: int = 0  # run eval_fn every this many steps (and after the last); 0 = never
+    share_prompt: bool = True  # each prompt encoded once for its G completions, in sampling and scoring (exact)
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -530,17 +594,19 @@ def grpo_train(model: nn.Module, tokenizer, rows: list[dict], reward_funcs: Sequ
     def rollout_batch() -> dict:
         rollout = sample_completions(model, tokenizer, next_rows(), config.group_size,
                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                     stop_tokens=config.stop_tokens)
+                                     stop_tokens=config.stop_tokens, share_prompt=config.share_prompt)
         per_function, rewards = compute_rewards(reward_funcs, rollout.prompts, rollout.completions,
                                                 rollout.columns(), config.reward_weights)  # (N, K), (N,)
         batch = {"rollout": rollout}
         old_logp = ref_logp = None
         if config.num_iterations > 1 or (config.algorithm == "rloo" and config.beta != 0):
-            old_logp, _ = completion_logprobs(model, rollout, temperature=config.temperature)
+            old_logp, _ = completion_logprobs(model, rollout, temperature=config.temperature,
+                                              share_prompt=config.share_prompt)
             batch["old_logp"] = old_logp
         if needs_reference:
             with disable_adapters(model):
-                ref_logp, _ = completion_logprobs(model, rollout, temperature=config.temperature)
+                ref_logp, _ = completion_logprobs(model, rollout, temperature=config.temperature,
+                                                  share_prompt=config.share_prompt)
             batch["ref_logp"] = ref_logp
         if config.algorithm == "rloo":
             if config.beta != 0:
@@ -569,7 +635,8 @@ def grpo_train(model: nn.Module, tokenizer, rows: list[dict], reward_funcs: Sequ
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
         rollout = batch["rollout"]
-        logp, entropy = completion_logprobs(model, rollout, temperature=config.temperature, with_entropy=True)
+        logp, entropy = completion_logprobs(model, rollout, temperature=config.temperature, with_entropy=True,
+                                            share_prompt=config.share_prompt)
         old_logp = batch.get("old_logp", logp.detach())  # μ = 1: on-policy, ρ = 1 in value
         mask = rollout.completion_mask
         if config.algorithm == "rloo":
