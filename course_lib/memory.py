@@ -196,3 +196,5 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return result, sum(seen.values())
+
+from .planner import MemoryPlan, feasibility_table, plan, plan_for_config  # noqa: E402,F401  (the planner builds on this module)
