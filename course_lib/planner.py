@@ -59,8 +59,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from .memory import ADAMW_STEP_COUNTER_BYTES, GB
-
 TECHNIQUES = ("full", "lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "inference")
 TRAINING_BITS = (16, 32)
 SERVING_BITS = (4, 8, 16, 32)
@@ -512,3 +510,8 @@ def feasibility_table(sizes: Iterable[str] = ("7B", "13B", "70B"), gpus_gb: Iter
             row.update({f"{g:g} GB": p.fits(g) for g in gpus_gb})
             rows.append(row)
     return rows
+
+
+# Last, because course_lib.memory imports this module at its end (it exposes plan & co.): whichever of the
+# two is imported first, every name the other needs exists by then. Both are used only inside functions.
+from .memory import ADAMW_STEP_COUNTER_BYTES, GB  # noqa: E402
