@@ -81,8 +81,11 @@ def _our_grads(model):
 METRIC_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0)])
-def test_loss_rewards_accuracies_and_adapter_gradient_equal_trl(embedded, tmp_path, loss_type, label_smoothing):
+@pytest.mark.parametrize("loss_type,label_smoothing,share_prompt", [
+    ("sigmoid", 0.0, True), ("sigmoid", 0.0, False), ("robust", 0.1, True), ("hinge", 0.0, True), ("ipo", 0.0, True)])
+def test_loss_rewards_accuracies_and_adapter_gradient_equal_trl(embedded, tmp_path, loss_type, label_smoothing,
+                                                                share_prompt):
+    """share_prompt: each pair's prompt run once (DPOLoss's default) or TRL's concatenated forward."""
     base, tokenizer = embedded
     rows = ending_rows(6)
     trl_batch, trl_loss, trl_metrics, trl_grads, adapter, _ = _trl_step(tmp_path, base, tokenizer, rows, loss_type,
@@ -92,7 +95,7 @@ def test_loss_rewards_accuracies_and_adapter_gradient_equal_trl(embedded, tmp_pa
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(batch[key], trl_batch[key]), key
     model = _ours(base, adapter)
-    loss_fn = dpo.DPOLoss(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing)
+    loss_fn = dpo.DPOLoss(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing, share_prompt=share_prompt)
     loss = loss_fn(model, batch)
     loss.backward()
     ours = loss_fn.pending[-1]
