@@ -25,7 +25,12 @@ def bench_dpo(args: argparse.Namespace) -> dict:
 
     Embedded model, LoRA r=8 α=16 on all linear layers, sigmoid loss, β = 0.1, AdamW, batch 8 pairs
     ("ending" preference rows). course_lib: ``training.train`` end to end (collation, policy forward,
-    reference forward with the adapter off, backward, clipping, optimizer). TRL: the trainer's own
+    reference forward with the adapter off, backward, clipping, optimizer), timed twice in the same
+    alternation: with each pair's prompt run once for chosen and rejected (``DPOLoss``'s default,
+    prefix sharing after Wang et al. 2024 — the same log-probs, fewer tokens through the model) and with
+    the concatenated forward over the 2B full sequences (``share_prompt=False``: TRL's arithmetic, the
+    equal-work figure). TRL 1.16 has no counterpart to time: ``DPOConfig.padding_free`` warns and falls
+    back to padding since its DPO refactor, and there is no prompt-sharing option. TRL: the trainer's own
     ``training_step`` on batches from its own collator plus its optimizer and scheduler step — without
     ``trainer.train()``'s set-up and logging. TRL is timed twice in the same alternation: with its own
     defaults (bf16 autocast — what a learner gets, and how ``course-bench sft`` times TRL; gradient checkpointing
@@ -76,14 +81,15 @@ def bench_dpo(args: argparse.Namespace) -> dict:
         ready_for_steps(trainer, steps)
         return trainer, [{k: v.to(device) for k, v in b.items()} for b in trainer.get_train_dataloader()][:steps]
 
-    def run_ours():
-        train(ours, batches, config, loss_fn=DPOLoss(beta), device=device)
+    def run_ours(share_prompt: bool = True):
+        train(ours, batches, config, loss_fn=DPOLoss(beta, share_prompt=share_prompt), device=device)
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
     sync = synchronizer(device)
-    t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
-                                   repeats=args.repeats, sync=sync)
+    t_ours, t_concatenated, *t_trl = alternate_all(
+        [run_ours, functools.partial(run_ours, False), *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
+        repeats=args.repeats, sync=sync)
     t_theirs = dict(zip(variants, t_trl))
 
     def dpo_steps(separate_reference: bool):
@@ -96,21 +102,30 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     held_adapter, peak_adapter = measure_peak_memory(lambda: dpo_steps(False), device)
     held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
 
+    times = trl_step_times(t_ours, t_theirs, steps)
+    times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
+    times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
-              "batch_pairs": batch_size, **trl_step_times(t_ours, t_theirs, steps),
+              "batch_pairs": batch_size, **times, "sharing_speedup": t_concatenated / t_ours,
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
               "weights_held_mb": {"adapter_off": held_adapter / 1e6, "separate_reference": held_separate / 1e6},
               "memory_method": peak_adapter.method, "trl_settings": settings,
-              "settings": {"course_lib": "float32, checkpointing off, pairs padded to the longest in the batch, "
+              "settings": {"course_lib": "float32, checkpointing off, each pair's prompt run once (prefix sharing: "
+                                         "prompt ++ chosen ++ rejected packed in one row, no padding inside it), "
                                          "reference = the adapter switched off",
+                           "course_lib_concatenated": "float32, checkpointing off, pairs padded to the longest in the "
+                                                     "batch (share_prompt=False), reference = the adapter switched off",
                            **{f"trl_{k}": f"{v}, pairs padded to the longest in the batch, reference = the adapter "
                                           "switched off" for k, v in settings.items()}}}
     print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
           f"batch {batch_size} pairs · {steps} steps per run")
-    print(f"  step  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer, its defaults ({settings['defaults']}) "
-          f"{t_theirs['defaults'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['defaults']:.2f}×")
-    print(f"        TRL in float32 without checkpointing (our arithmetic) {t_theirs['float32'] / steps * 1e3:8.1f} ms   "
-          f"ratio {result['step_ratio']['float32']:.2f}×")
+    print(f"  step  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer in float32 without "
+          f"checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['float32']:.2f}×")
+    print(f"        course_lib, concatenated (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   ratio "
+          f"{result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
+          f"{1 - t_ours / t_concatenated:.0%}")
+    print(f"        TRL DPOTrainer, its defaults ({settings['defaults']}) {t_theirs['defaults'] / steps * 1e3:8.1f} ms   "
+          f"course_lib shared ÷ it {result['step_ratio']['defaults']:.2f}×")
     print(f"  reference  adapter off: peak {peak_adapter.mb:7.1f} MB, weights {held_adapter / 1e6:5.1f} MB   "
           f"separate model: peak {peak_separate.mb:7.1f} MB, weights {held_separate / 1e6:5.1f} MB   "
           f"({peak_adapter.method})")

@@ -7,6 +7,7 @@ Timed like ``course-bench dpo`` (medians of alternating runs in one process).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
 import torch
@@ -34,7 +35,14 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     == 0``) and trains on all of it — no buffered slices carried between measured steps.
 
     course_lib: ``grpo.grpo_train`` end to end (sampling, rewards, advantages, reference log-probs, loss,
-    backward, clipping, optimizer; ``log_kl`` is moot at β ≠ 0). TRL: the trainer's own ``training_step``
+    backward, clipping, optimizer; ``log_kl`` is moot at β ≠ 0), timed twice in the same alternation: with
+    each prompt run once for its G completions (``GRPOConfig.share_prompt``, the default: generation prefills
+    each prompt once and repeats its cache G times; the reference and policy log-probs pack the prompt and
+    its G completions in one row behind a prefix-sharing mask — the same samples and log-probs, fewer
+    tokens through the model) and without (``share_prompt=False``: every completion re-runs its prompt, as
+    TRL does — the equal-work figure). TRL 1.16 shares prompts only through vLLM's prefix caching
+    (``trl vllm-serve --enable_prefix_caching``), which needs a GPU server; its transformers generation and
+    its log-prob forwards run the G copies. TRL: the trainer's own ``training_step``
     (which generates, scores and trains) on generation batches from its own sampler, plus its optimizer and
     scheduler step (``bench.trainer_steps``) — without ``trainer.train()``'s set-up, logging and gradient
     clipping. TRL is timed twice in the same alternation: with its own defaults (bf16 autocast — what a
@@ -63,7 +71,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from ..lora import add_lora
     from ..models import load_model
     from .device import bench_device, device_name, synchronizer
-    from .timing import alternate, alternate_all
+    from .timing import alternate_all
     from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
 
     device = bench_device(args)
@@ -106,14 +114,15 @@ def bench_grpo(args: argparse.Namespace) -> dict:
                 break
         return trainer, their_batches
 
-    def run_ours():
-        grpo_train(ours, tokenizer, rows, [correctness_reward], config)
+    def run_ours(share_prompt: bool = True):
+        grpo_train(ours, tokenizer, rows, [correctness_reward], dataclasses.replace(config, share_prompt=share_prompt))
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
     sync = synchronizer(device)
-    t_ours, *t_trl = alternate_all([run_ours, *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
-                                   repeats=args.repeats, sync=sync)
+    t_ours, t_concatenated, *t_trl = alternate_all(
+        [run_ours, functools.partial(run_ours, False), *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
+        repeats=args.repeats, sync=sync)
     t_theirs = dict(zip(variants, t_trl))
     trainer, their_batches = variants["float32"]
 
@@ -125,37 +134,51 @@ def bench_grpo(args: argparse.Namespace) -> dict:
                            "comparison needs the same prompts on both sides")
     tokens = {}
 
-    def generate_ours():
+    def generate_ours(share_prompt: bool = True):
         torch.manual_seed(0)
         rollout = sample_completions(ours, tokenizer, distinct_rows, GROUP_SIZE, max_new_tokens=MAX_COMPLETION_LENGTH,
-                                     temperature=1.0)
-        tokens["ours"] = int(rollout.completion_mask.sum())
+                                     temperature=1.0, share_prompt=share_prompt)
+        tokens["ours" if share_prompt else "ours_concatenated"] = int(rollout.completion_mask.sum())
 
     def generate_theirs():
         torch.manual_seed(0)
         completion_ids = trainer._generate([row["prompt"] for row in batch])[1]  # (128,) lists of token ids
         tokens["theirs"] = sum(len(ids) for ids in completion_ids)
 
-    g_ours, g_theirs = alternate(generate_ours, generate_theirs, repeats=args.repeats, sync=sync)
+    g_ours, g_concatenated, g_theirs = alternate_all([generate_ours, functools.partial(generate_ours, False),
+                                                      generate_theirs], repeats=args.repeats, sync=sync)
     throughput = [tokens["ours"] / g_ours, tokens["theirs"] / g_theirs]
 
     rows_per_step = PROMPTS_PER_STEP * GROUP_SIZE
+    times = trl_step_times(t_ours, t_theirs, steps)
+    times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
+    times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
-              **trl_step_times(t_ours, t_theirs, steps),
-              "generation_s": [g_ours, g_theirs], "generation_tokens": [tokens["ours"], tokens["theirs"]],
+              **times, "sharing_speedup": t_concatenated / t_ours,
+              "generation_s": [g_ours, g_theirs], "generation_s_concatenated": g_concatenated, "generation_tokens": [tokens["ours"], tokens["theirs"]],
               "generation_tokens_per_s": throughput, "generation_ratio": g_ours / g_theirs, "trl_settings": settings,
-              "settings": {"course_lib": "float32, checkpointing off, log-probs from the LM head over the completion (logits_to_keep), constant lr",
+              "settings": {"course_lib": "float32, checkpointing off, each prompt run once for its G completions (cache "
+                                         "prefilled once for generation; prompt ++ G completions packed for the "
+                                         "log-probs), LM head over completion positions only, constant lr",
+                           "course_lib_concatenated": "float32, checkpointing off, every completion re-runs its prompt "
+                                                      "(share_prompt=False), log-probs from the LM head over the "
+                                                      "completion (logits_to_keep), constant lr",
                            **{f"trl_{k}": f"{v}, log-probs from its chunked LM head, linear lr decay"
                               for k, v in settings.items()}}}
     print(f"grpo · {result['device']} · embedded model · LoRA r=8 all-linear · {LOSS_TYPE} β={BETA} · "
           f"{PROMPTS_PER_STEP} prompts × G={GROUP_SIZE} = {rows_per_step} completions of ≤{MAX_COMPLETION_LENGTH} "
           f"tokens per step · {steps} steps per run")
-    print(f"  step (generation included)  course_lib {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer, its defaults "
-          f"({settings['defaults']}) {t_theirs['defaults'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['defaults']:.2f}×")
-    print(f"        TRL in float32 without checkpointing (our arithmetic) {t_theirs['float32'] / steps * 1e3:8.1f} ms   "
-          f"ratio {result['step_ratio']['float32']:.2f}×")
-    print(f"  generation {rows_per_step} completions  course_lib {g_ours * 1e3:8.1f} ms ({throughput[0]:7.1f} tok/s)   "
-          f"TRL {g_theirs * 1e3:8.1f} ms ({throughput[1]:7.1f} tok/s)   ratio {g_ours / g_theirs:.2f}×")
+    print(f"  step (generation included)  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer in "
+          f"float32 without checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio "
+          f"{result['step_ratio']['float32']:.2f}×")
+    print(f"        course_lib, prompt re-run per completion (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   "
+          f"ratio {result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
+          f"{1 - t_ours / t_concatenated:.0%}")
+    print(f"        TRL GRPOTrainer, its defaults ({settings['defaults']}) {t_theirs['defaults'] / steps * 1e3:8.1f} ms   "
+          f"course_lib shared ÷ it {result['step_ratio']['defaults']:.2f}×")
+    print(f"  generation {rows_per_step} completions  course_lib, prompt prefilled once {g_ours * 1e3:8.1f} ms "
+          f"({throughput[0]:7.1f} tok/s)   TRL {g_theirs * 1e3:8.1f} ms ({throughput[1]:7.1f} tok/s)   ratio "
+          f"{g_ours / g_theirs:.2f}×   course_lib, prompt per completion {g_concatenated * 1e3:8.1f} ms")
     return result
