@@ -20,11 +20,46 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The session's shared (model, tokenizer) pairs, each with its fingerprint when loaded: a test that changes
+# one (adds an adapter, trains it, flips padding_side) would change what every later test in the same xdist
+# worker sees — a failure that depends on test order. `_shared_models_unchanged` names the culprit instead.
+_SHARED: dict[str, tuple] = {}
+
+
+def _fingerprint(model, tokenizer) -> tuple:
+    """What a test could change: the module tree, every parameter and buffer (name, shape, dtype,
+    requires_grad, a float64 sum), train/eval mode, and the tokenizer's padding settings."""
+    with torch.no_grad():
+        tensors = tuple((name, tuple(t.shape), str(t.dtype), t.requires_grad, float(t.double().sum()))
+                        for name, t in [*model.named_parameters(), *model.named_buffers()])
+    modules = tuple((name, type(m).__name__, m.training) for name, m in model.named_modules())
+    return tensors, modules, tokenizer.padding_side, tokenizer.pad_token, tokenizer.truncation_side
+
+
+def _shared(key: str, load):
+    if key not in _SHARED:
+        model, tokenizer = load()
+        _SHARED[key] = (model, tokenizer, _fingerprint(model, tokenizer))
+    return _SHARED[key][:2]
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_unchanged(request):
+    """After each test: the shared models it could reach are as they were loaded (copy.deepcopy first)."""
+    yield
+    for key, (model, tokenizer, fingerprint) in list(_SHARED.items()):
+        if _fingerprint(model, tokenizer) != fingerprint:
+            _SHARED[key] = (model, tokenizer, _fingerprint(model, tokenizer))  # only the culprit fails
+            pytest.fail(f"{request.node.nodeid} changed the session's shared {key!r} model or tokenizer; "
+                        f"work on copy.deepcopy(model) (and leave tokenizer settings alone)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def embedded():
+    """(model, tokenizer) of the embedded model, shared by the session: copy the model before changing it."""
     from course_lib.models import load_model
 
-    return load_model(None, device="cpu")
+    return _shared("embedded", lambda: load_model(None, device="cpu"))
 
 
 def tiny_llama(seed: int = 0, tied: bool = True):
@@ -50,4 +85,4 @@ def hub(hub_model_dir):
     Shared by the session: copy the model before changing it, and leave the tokenizer's settings alone."""
     from course_lib.models import load_model
 
-    return load_model(hub_model_dir, device="cpu")
+    return _shared("hub", lambda: load_model(hub_model_dir, device="cpu"))

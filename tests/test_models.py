@@ -1,3 +1,4 @@
+import copy
 import time
 
 import pytest
@@ -36,8 +37,7 @@ def test_unknown_quantization():
 
 def test_local_checkpoint_loads_in_float32(tmp_path, embedded):
     model, tokenizer = embedded
-    model.to(torch.bfloat16).save_pretrained(tmp_path)
-    model.float()
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)  # the shared model stays float32, unrounded
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = load_model(tmp_path, device="cpu")
     assert loaded.dtype == torch.float32  # not the bf16 of the checkpoint

@@ -119,15 +119,12 @@ CACHED = textwrap.dedent("""
     import sys, time
     import torch
     from course_lib.models import load_model
-    start = time.perf_counter()
     model, _ = load_model("course-test/cached-model", device="cpu")
-    seconds = time.perf_counter() - start
     embedded, _ = load_model(None, device="cpu")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, embedded(ids).logits)
     assert not ATTEMPTS, ATTEMPTS  # a cached model needs no connection, not even a check
-    print(f"CACHED_S={seconds:.2f}")
 """)
 
 
@@ -150,5 +147,6 @@ def test_a_cached_hub_id_loads_from_the_cache_without_the_network(tmp_path):
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_CACHE=str(tmp_path / "hub"))
     done = subprocess.run([sys.executable, "-c", REFUSE_NETWORK + CACHED], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
+    # no connection attempt at all (ATTEMPTS, checked in the child) is the claim; a wall-clock bound would
+    # only measure how busy the machine is (16.9 s under a load of 12 on 2 cores)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert float(done.stdout.split("CACHED_S=")[1].split()[0]) < 15
