@@ -1,5 +1,4 @@
 import copy
-import time
 
 import pytest
 import torch
@@ -9,20 +8,36 @@ from course_lib.models import count_parameters, load_model
 from .conftest import tiny_llama
 
 
-def test_missing_local_path_is_a_clear_error():
-    start = time.monotonic()
+@pytest.fixture
+def connections(monkeypatch):
+    """Every connection or DNS lookup the test's code attempts (each refused). Failing fast means failing
+    without one: a wall-clock bound here would measure the machine's load (6.3 s for the first test
+    under a load of 12 on 2 cores). tests/test_no_network.py checks the same without HF_HUB_OFFLINE."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] or kwargs)
+        raise OSError("network refused by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def test_missing_local_path_is_a_clear_error(connections):
     with pytest.raises(FileNotFoundError, match="no model folder at"):
         load_model("./data/no_such_model")
     with pytest.raises(FileNotFoundError, match="no model folder at"):
         load_model("data/embeded")  # a typo of a local folder is not mistaken for a hub id
-    assert time.monotonic() - start < 5
+    assert connections == []
 
 
-def test_hub_id_offline_fails_fast_and_says_what_to_do():
-    start = time.monotonic()
+def test_hub_id_offline_fails_fast_and_says_what_to_do(connections):
     with pytest.raises(OSError, match="cannot be reached.*hf download"):
         load_model("some-org/some-model-that-is-not-cached")
-    assert time.monotonic() - start < 10
+    assert connections == []
 
 
 def test_folder_without_config(tmp_path):
