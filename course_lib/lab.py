@@ -4,7 +4,8 @@ Executes the lesson notebooks in a fresh Jupyter kernel each, papermill-style: a
 ``parameters`` holds the defaults, and the runner inserts a cell right after it that overrides
 ``PROFILE``, ``MODEL`` and ``METRICS_PATH``. Each notebook reports its headline metrics with
 `record_metrics` into ``METRICS_PATH``; the runner collects them into one summary table, printed
-and written to ``OUT/report.md`` and ``OUT/report.json`` beside the executed notebooks.
+and written to ``OUT/report.md`` and ``OUT/report.json`` beside the executed notebooks, and a page to open
+in a browser, ``OUT/report.html``, with each lesson's metrics and figures (`course_lib.lab_report`).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     notebooks = lesson_notebooks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("report.md", "report.json"):  # a previous run's report must not pass for this one's,
+    for stale in ("report.md", "report.json", "report.html"):  # a previous run's report must not pass for this one's,
         (out_dir / stale).unlink(missing_ok=True)  # should this run be interrupted before it writes its own
     results = []
     bar = tqdm(lessons, desc="lab", unit="notebook")
@@ -199,6 +200,9 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     write_atomically(out_dir / "report.json", json.dumps(
         {"profile": profile, "model": model, "results": [asdict(r) for r in results]}, indent=2) + "\n")
     write_atomically(out_dir / "report.md", f"# {header}\n\n```\n{table}\n```\n")
+    from .lab_report import executed_notebooks, render_report
+
+    write_atomically(out_dir / "report.html", render_report(header, results, executed_notebooks(out_dir, results)))
     print(f"\n{header}\n{table}\n\nexecuted notebooks and report: {out_dir}")
     return results
 

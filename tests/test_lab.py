@@ -62,10 +62,33 @@ def _lab_notebook(tmp_path, tagged=True):
     return path
 
 
-def test_parameters_are_injected_and_metrics_collected(tmp_path):
+def test_parameters_are_injected_and_metrics_collected(tmp_path, monkeypatch):
+    """Through `run_lab`, on a one-lesson course whose notebook also shows a figure: the result, the executed
+    notebook, and report.html with the lesson's headline and that figure; a previous run's report.html is
+    gone as soon as a run starts."""
+    import base64
+
+    from course_lib import lab
+
+    from .test_lab_report import tiny_png
+
+    path = _lab_notebook(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(f"from IPython.display import Image\nImage(data={tiny_png()!r})"))
+    nbformat.write(nb, path)
+    monkeypatch.setattr(lab, "NOTEBOOKS", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    result = run_notebook(_lab_notebook(tmp_path), out, {"PROFILE": "cpu", "MODEL": "some/model"}, 60)
+    (out / "report.html").write_text("a previous run's report")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(lab, "run_notebook", interrupted)
+        lab.run_lab(out_dir=out)
+    assert not (out / "report.html").exists()  # an interrupted run leaves no report to pass for its own
+    [result] = lab.run_lab(model="some/model", out_dir=out, cell_timeout=60)
     assert result.status == "ok", result
     assert result.headline == "model=some/model" and result.metrics == {"value": 42}
     executed = nbformat.read(out / "00_demo.ipynb", as_version=4)
@@ -78,6 +101,8 @@ def test_a_failing_notebook_is_reported_without_stale_outputs(tmp_path):
     path = _lab_notebook(tmp_path)
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(1, nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
+    page = (out / "report.html").read_text()
+    assert "model=some/model" in page and f"data:image/png;base64,{base64.b64encode(tiny_png()).decode()}" in page
     nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="an output from an earlier run\n")]
     nbformat.write(nb, path)
     out = tmp_path / "out"
