@@ -90,6 +90,8 @@ def test_parameters_are_injected_and_metrics_collected(tmp_path, monkeypatch):
     assert not (out / "report.html").exists()  # an interrupted run leaves no report to pass for its own
     [result] = lab.run_lab(model="some/model", out_dir=out, cell_timeout=60)
     assert result.status == "ok", result
+    page = (out / "report.html").read_text()
+    assert "model=some/model" in page and f"data:image/png;base64,{base64.b64encode(tiny_png()).decode()}" in page
     assert result.headline == "model=some/model" and result.metrics == {"value": 42}
     executed = nbformat.read(out / "00_demo.ipynb", as_version=4)
     assert "injected-parameters" in executed.cells[1].metadata.tags
@@ -101,8 +103,6 @@ def test_a_failing_notebook_is_reported_without_stale_outputs(tmp_path):
     path = _lab_notebook(tmp_path)
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(1, nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
-    page = (out / "report.html").read_text()
-    assert "model=some/model" in page and f"data:image/png;base64,{base64.b64encode(tiny_png()).decode()}" in page
     nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="an output from an earlier run\n")]
     nbformat.write(nb, path)
     out = tmp_path / "out"
