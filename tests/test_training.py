@@ -247,6 +247,79 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_whole_batc
         assert run["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_two_process_fsdp_training_equals_one_process_on_the_whole_batch(tmp_path):
+    """Under torchrun with FSDP2 (``fully_shard`` per decoder layer, gloo on CPU) each process holds half of
+    every parameter, gradient and optimizer state and trains on half of every batch: the gathered weights
+    and the losses equal one process's on the whole batch, for SGD, SGD with clipping and AdamW.
+
+    Tolerance: float32 sums taken in another order (two half-batch backwards, a reduce-scatter) differ by
+    ~1e-7 relative; atol 1e-6 is 1e-4 of the largest weight change (~1e-2), so an update off by more than
+    0.01 % fails — gradients summed instead of averaged (2×), or clipped by one half's norm (~1.4×), are
+    far outside it. accelerate's FSDP needs a GPU; this exercises torch's FSDP2 under the same `train` loop
+    (tests/scripts/fsdp_train.py says why and what it needs)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from .conftest import ROOT
+
+    script = ROOT / "tests" / "scripts" / "fsdp_train.py"
+    torchrun = [shutil.which("torchrun") or sys.executable, *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
+    out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"fsdp_rank{r}_world2.json").read_text()) for r in (0, 1)]
+    alone = json.loads((tmp_path / "fsdp_rank0_world1.json").read_text())
+    for name in ("sgd", "sgd_clipped", "adamw"):
+        assert all(rank[f"{name}_shard_rows"] == [24, 48] for rank in ranks)  # each process held half
+        assert alone[name]["moved"] > 1e-3  # it trained
+        if name == "sgd_clipped":  # the clipping was active on every step, so a wrong norm changes the update
+            assert min(alone[name]["grad_norm"]) > 0.5
+        expected = load_file(tmp_path / f"{name}_world1.safetensors")
+        weights = load_file(tmp_path / f"{name}_world2.safetensors")  # gathered from both processes' shards
+        assert weights.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        for rank in ranks:  # the norm of the whole gradient, on every process
+            assert rank[name]["grad_norm"] == pytest.approx(alone[name]["grad_norm"], rel=1e-5)
+        # gathering for saving: rank 0 receives every tensor, the other process none (the README says so)
+        assert [rank[name]["gathered_tensors"] for rank in ranks] == [alone[name]["gathered_tensors"], 0]
+        # each process's loss is its half's token mean, and both halves hold the same number of tokens
+        halves = [sum(pair) / 2 for pair in zip(ranks[0][name]["loss"], ranks[1][name]["loss"])]
+        assert halves == pytest.approx(alone[name]["loss"], rel=1e-5)
+
+
+def test_fsdp_config_is_read_by_accelerate_into_a_decoder_layer_wrapping_plugin(monkeypatch):
+    """configs/fsdp.yaml, read the way `accelerate launch --config_file` reads it (its parser, its
+    environment), gives an FSDP2 plugin whose wrapping policy makes one unit of each Llama decoder layer."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from .conftest import ROOT
+
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs" / "fsdp.yaml"), "train.py"])
+    args = _validate_launch_command(args)[0]
+    assert args.use_fsdp and args.fsdp_version == 2
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    model = tiny_llama()
+    plugin.set_auto_wrap_policy(model)
+    wrapped = [name for name, module in model.named_modules()
+               if plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    assert all(isinstance(model.get_submodule(name), LlamaDecoderLayer) for name in wrapped)
+
+
 def test_split_rows_keeps_stacked_pairs_together():
     """DPO stacks B chosen rows then B rejected rows; under DDP pair i must stay on one process."""
     from course_lib.training import _split_rows
