@@ -16,6 +16,12 @@ this module differs it says so: NaN / None rewards are an error here (TRL treats
 and zeroes their advantage), and log-probs are computed with position ids that skip the left padding,
 as generation does.
 
+Each prompt runs through the model once for its G completions (``GRPOConfig.share_prompt``, on by
+default): generation prefills the prompt once and repeats its KV cache G times, and the log-probs come
+from one row per prompt, prompt ++ its G completions, under a prefix-sharing mask
+(:mod:`course_lib.shared_prefix`). The samples and log-probs are those of the G-copies computation up to
+float rounding (tests/test_shared_prefix.py); ``share_prompt=False`` runs the G copies, as TRL does.
+
 The task of lesson 08: additions (``course_lib.data``) in the corpus's ``Q: What is a + b?\\nA:``
 format, rewarded by :func:`correctness_reward` and :func:`format_reward`.
 """
