@@ -1,33 +1,37 @@
 """report.html, rendered from synthetic lab results and executed notebooks, read back with the stdlib's
-``html.parser``.
+``html.parser`` and, where one is installed, opened in a headless browser.
 
-Parsed, not opened in a headless browser: none is available to the test suite. This machine has no
-browser binary (no chromium / chrome / firefox on PATH or among the installed Debian packages) and the
-Python environment has neither playwright nor selenium; playwright's pip package fetches its browser
-builds from its own download host at install time, which the project's machines cannot reach, and a
-Debian chromium is not part of the project's install. The parser checks what a browser would be given:
-every lesson's section, every image as a ``data:`` URI whose bytes are the notebook's own image, and
-no markup injected by notebook text.
+The parser checks what a browser is given: every lesson's section, every image as a ``data:`` URI whose
+bytes are the notebook's own image, and no markup injected by notebook text. The browser test shows the
+page as a person sees it: Chromium's own DOM of the page, and a screenshot in which every image is drawn.
+It runs where a Chromium binary is on PATH — Debian's ``apt-get install chromium-headless-shell`` — and is
+skipped elsewhere, saying so: the Python environment has neither playwright nor selenium, and playwright's
+pip package fetches its browser builds from its own download host at install time, which the project's
+machines cannot reach; Debian's package is the browser they can install.
 """
 
 import base64
+import shutil
 import struct
+import subprocess
 import zlib
 from html.parser import HTMLParser
 
 import nbformat
+import pytest
 
 from course_lib.lab import NotebookResult
 from course_lib.lab_report import notebook_images, render_report
 
 
-def tiny_png(rgb: tuple[int, int, int] = (255, 0, 0)) -> bytes:
-    """A valid 1×1 PNG of one colour (signature, IHDR, IDAT, IEND), built with the stdlib."""
+def tiny_png(rgb: tuple[int, int, int] = (255, 0, 0), size: int = 1) -> bytes:
+    """A valid ``size``×``size`` PNG of one colour (signature, IHDR, IDAT, IEND), built with the stdlib."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)  # width, height, 8-bit, RGB, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" + bytes(rgb)))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # width, height, 8-bit, RGB, no interlace
+    rows = (b"\x00" + bytes(rgb) * size) * size  # each row: filter type 0, then its pixels
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
             + chunk(b"IEND", b""))
 
 
@@ -147,3 +151,46 @@ def test_an_output_that_is_not_an_image_or_not_base64_is_left_out():
                     _image_output("image/png", "not base64 at all!"),
                     _image_output("image/jpeg", base64.b64encode(b"\xff\xd8\xff jpeg").decode())])
     assert [(image["cell"], image["mime"]) for image in notebook_images(nb)] == [(2, "image/jpeg")]
+
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chrome-headless-shell", "google-chrome", "chrome")
+
+
+def _browser() -> str:
+    found = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if found is None:
+        pytest.skip(f"no headless browser on PATH ({', '.join(BROWSERS)}): `apt-get install chromium-headless-shell`; "
+                    f"the parser tests above still check the page")
+    return found
+
+
+def test_a_browser_shows_every_lesson_and_draws_every_image(tmp_path):
+    """Chromium opens the page from disk: its DOM has every section and image and no injected script,
+    and its screenshot shows each of the four images, each a square of its own colour, drawn in full."""
+    import numpy as np
+    from PIL import Image
+
+    colours = {"00": [(250, 20, 180), (20, 200, 240)], "03": [(240, 230, 10)], "04": [(90, 10, 200)]}
+    notebooks = {f"{lesson}_demo.ipynb": _notebook(*[[_image_output("image/png", base64.b64encode(
+        tiny_png(rgb, size=40)).decode())] for rgb in rgbs]) for lesson, rgbs in colours.items()}
+    results = [NotebookResult("00", "00_demo.ipynb", "ok", 1.0, headline="<script>document.body.remove()</script>"),
+               NotebookResult("03", "03_demo.ipynb", "ok", 1.0, metrics={"loss": 0.5}),
+               NotebookResult("04", "04_demo.ipynb", "error", 1.0, detail="RuntimeError: boom")]
+    report = tmp_path / "report.html"
+    report.write_text(render_report("course-lab", results, notebooks))
+    browser = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = Page()
+    page.feed(dom.stdout)
+    assert page.sections == ["lesson-00", "lesson-03", "lesson-04"] and "script" not in page.tags
+    assert [len(page.images[f"lesson-{lesson}"]) for lesson in colours] == [2, 1, 1]
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*browser, f"--screenshot={shot}", "--window-size=800,2000", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)  # (H, W, 3)
+    for lesson, rgbs in colours.items():
+        for rgb in rgbs:  # every pixel of a 40×40 image, drawn at its size (a tolerance for colour management)
+            drawn = int((np.abs(pixels - np.array(rgb)) <= 3).all(axis=-1).sum())
+            assert drawn >= 40 * 40, f"lesson {lesson}: image {rgb} drawn on {drawn} pixels"
