@@ -40,7 +40,7 @@ from torch import nn
 
 from .data import check_preference_rows
 from .rl import token_logprobs
-from .shared_prefix import completion_logps_shared_prompt, split_prompt_and_completion
+from .shared_prefix import completion_logps_shared_prompt, split_prompt_and_completion, supports_shared_prompt
 from .templates import pad_right, tokenize_prompt_and_completion, unpad
 from .training import History, ShuffledEpochs, TrainConfig, train
 
@@ -191,8 +191,9 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], *, share
 
     ``share_prompt``: run each pair's prompt once for both completions (prefix sharing, Wang et al. 2024;
     :mod:`course_lib.shared_prefix`) — the same values up to float rounding, with ~⅓ fewer tokens
-    through the model here. Pairs whose chosen and rejected rows carry different prompts make the whole
-    batch fall back to the concatenated forward."""
+    through the model here. Pairs whose chosen and rejected rows carry different prompts, or a model that
+    cannot run packed rows (not a transformers causal LM, or an attention without custom masks), make the
+    whole batch fall back to the concatenated forward."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (2B, T) each
     width = input_ids.shape[1]
     has_completion = completion_mask.any(dim=1)
@@ -215,7 +216,10 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], *, share
 
 def _shared_prompt_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """:func:`sequence_logprobs` with each pair's prompt run once (packed prompt ++ chosen ++ rejected);
-    None when some pair's two rows do not carry the same prompt."""
+    None when some pair's two rows do not carry the same prompt, or the model cannot run packed rows
+    (:func:`course_lib.shared_prefix.supports_shared_prompt`)."""
+    if not supports_shared_prompt(model):
+        return None
     prompt_ids, prompt_mask, completion_ids, completion_mask = split_prompt_and_completion(
         batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B, Tp) ×2, (2B, Tc) ×2
     pairs = prompt_ids.shape[0] // 2

@@ -454,7 +454,7 @@ def completion_logprobs(model: nn.Module, rollout: Rollout, *, temperature: floa
     ``share_prompt``: each prompt runs once for its G completions (packed with a prefix-sharing mask,
     :mod:`course_lib.shared_prefix`): the same values up to float rounding on the completion tokens, and
     0 (log-prob and entropy) on the padding after a completion's end. A rollout whose groups do not
-    share one prompt row falls back to the full sequences."""
+    share one prompt row, or a model that cannot run packed rows, falls back to the full sequences."""
     if share_prompt:
         shared = _shared_prompt_logprobs(model, rollout, temperature, with_entropy)
         if shared is not None:
@@ -472,11 +472,11 @@ def completion_logprobs(model: nn.Module, rollout: Rollout, *, temperature: floa
 
 def _shared_prompt_logprobs(model: nn.Module, rollout: Rollout, temperature: float,
                             with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    from .shared_prefix import completion_logits_shared_prompt
+    from .shared_prefix import completion_logits_shared_prompt, supports_shared_prompt
 
     group = rollout.group_size
     n_rows, prompt_width = rollout.prompt_ids.shape
-    if n_rows % group:
+    if n_rows % group or not supports_shared_prompt(model):
         return None
     prompt_ids, prompt_mask = rollout.prompt_ids[::group], rollout.prompt_mask[::group]  # (P, Tp)
     grouped_ids = rollout.prompt_ids.view(-1, group, prompt_width)

@@ -114,6 +114,16 @@ def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, com
     return PackedPrompts(input_ids, attention[:, None], position_ids, predictor, row_of)
 
 
+def supports_shared_prompt(model: nn.Module) -> bool:
+    """Whether :func:`completion_logits_shared_prompt` can run ``model``: a transformers causal LM (its
+    decoder and LM head reachable through ``get_decoder`` / ``get_output_embeddings``) whose attention
+    takes a custom dense mask. Callers with a default-on option fall back to the full sequences when not."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    return (callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None))
+            and model.get_output_embeddings() is not None and implementation in DENSE_MASK_ATTENTION)
+
+
 def _dense_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     implementation = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
     if implementation not in DENSE_MASK_ATTENTION:

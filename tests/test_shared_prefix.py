@@ -213,6 +213,29 @@ def test_grpo_training_steps_are_the_same_with_and_without_sharing(embedded):
         torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_a_model_that_cannot_run_packed_rows_falls_back_to_the_full_sequences(embedded):
+    """share_prompt is on by default in DPOLoss and GRPOConfig: a plain nn.Module wrapper (no
+    get_decoder / get_output_embeddings) is scored with the concatenated forward, not refused."""
+    from course_lib import data
+    from course_lib.shared_prefix import supports_shared_prompt
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    model, tokenizer = _adapted(embedded[0]), embedded[1]
+    wrapped = Wrapper(model)
+    assert supports_shared_prompt(model) and not supports_shared_prompt(wrapped)
+    batch = dpo.tokenize_preference_rows(data.preference_rows("ending", "train", n=3, seed=3), tokenizer)
+    with torch.no_grad():
+        assert torch.equal(dpo.sequence_logprobs(wrapped, batch, share_prompt=True),
+                           dpo.sequence_logprobs(model, batch, share_prompt=False))
+
+
 # --------------------------------------------------------------------------------------------
 # The packing itself, by hand, and bad inputs
 # --------------------------------------------------------------------------------------------
