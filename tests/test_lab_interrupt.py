@@ -78,7 +78,7 @@ def test_an_interrupted_run_leaves_no_report_and_no_kernel_and_the_next_run_work
     assert lab.returncode != 0
     assert "no report written" in stderr, stderr[-2000:]
     leftovers = sorted(p.name for p in out.iterdir())
-    assert not {"report.md", "report.json"} & set(leftovers), leftovers
+    assert not {"report.md", "report.json", "report.html"} & set(leftovers), leftovers
     assert not [n for n in leftovers if n.endswith(".partial")], leftovers
     deadline = time.monotonic() + 15
     while any(_alive(k) for k in kernels) and time.monotonic() < deadline:
