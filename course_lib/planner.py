@@ -38,9 +38,11 @@ Each term, and where it comes from:
   the vocabulary for every token, often the largest single tensor. With gradient checkpointing
   (Chen et al. 2016; Korthikanti's "full recomputation", ``2sbh`` per layer) each block keeps only its
   input and recomputes the rest in the backward pass.
-* **transient** — the step's largest short-lived tensors: the logits (held by the model's output),
-  and the gradients flowing into and out of the log-softmax at the start of the backward pass
-  (``tokens × vocab × (compute bytes + 8)``); with checkpointing, or one block's recomputed activations.
+* **transient** — the step's largest short-lived tensors: the float32 gradients flowing into and out of
+  the log-softmax at the start of the backward pass (``8 × tokens × vocab`` bytes); with checkpointing,
+  or one block's recomputed activations if larger. The logits themselves are freed before the backward
+  pass when the loop keeps only the loss (``model(**batch).loss.backward()``, transformers' Trainer); a
+  loop that holds the model's output through the backward pass adds ``tokens × vocab × b``.
 * **overhead** — serving only: the rule of thumb's 20 % (`course_lib.memory.estimate_serving_memory_gb`).
 
 ``total`` is the sum of all terms, the figure planners usually quote. ``peak`` follows the step's
@@ -289,7 +291,7 @@ def plan(n_params: float, technique: str, *, bits: int = 16, batch: int | None =
                             lora_r=lora_r, lora_targets=targets, num_virtual_tokens=num_virtual_tokens,
                             grad_checkpointing=grad_checkpointing, attention=attention, lora_backward=lora_backward)
     tokens = batch * (seq_len + (num_virtual_tokens if technique == "prompt_tuning" else 0))
-    loss_transient = tokens * shape.vocab * (b + 2 * LOG_SOFTMAX_BYTES)  # logits + grads in/out of log-softmax
+    loss_transient = tokens * shape.vocab * 2 * LOG_SOFTMAX_BYTES  # float32 gradients in and out of log-softmax
     transient = loss_transient
     if grad_checkpointing:  # the backward recomputes one block at a time, after the loss' gradient is gone
         one_block = activation_bytes(shape, technique, batch=batch, seq_len=seq_len, bits=bits,
@@ -325,14 +327,19 @@ def _weights(technique: str, shape: ModelShape, n_params: int, b: int, double_qu
     """The base model's bytes: n_params at b bytes; QLoRA's block linears as NF4 (4 bits + the block scales)."""
     if technique != "qlora":
         return int(n_params) * b
-    quantized = 0
-    for fan_in, fan_out in shape.linear_shapes().values():
-        n = fan_in * fan_out
-        blocks = math.ceil(n / NF4_BLOCK)
-        scales = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4 if double_quant else 4 * blocks
-        quantized += math.ceil(n / 2) + scales  # two 4-bit codes per byte
+    quantized = sum(nf4_bytes(fan_in * fan_out, double_quant) for fan_in, fan_out in shape.linear_shapes().values())
     kept = int(n_params) - shape.n_layers * shape.block_linear_params()  # embeddings, norms, head
     return shape.n_layers * quantized + kept * b
+
+
+def nf4_bytes(n_weights: int, double_quant: bool = True) -> int:
+    """Bytes of one NF4-quantized weight matrix (Dettmers et al. 2023, §3): two 4-bit codes per byte, one
+    float32 absmax per block of 64 weights; with double quantization the absmax are 8-bit codes with one
+    float32 scale per 256 blocks and one float32 offset per matrix (`course_lib.nf4.NF4Linear`'s buffers,
+    bitsandbytes' format)."""
+    blocks = math.ceil(n_weights / NF4_BLOCK)
+    scales = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4 if double_quant else 4 * blocks
+    return math.ceil(n_weights / 2) + scales
 
 
 def activation_bytes(shape: ModelShape, technique: str, *, batch: int, seq_len: int, bits: int = 16,
@@ -346,7 +353,9 @@ def activation_bytes(shape: ModelShape, technique: str, *, batch: int, seq_len: 
     Per token and block, with b = compute bytes, a = adapter bytes, h hidden, i intermediate, q = heads ×
     head_dim, kv = kv heads × head_dim:
       RMSNorm ×2           4h + 4 each (float32 input, rsqrt), + b·h if its weight trains (normalised input)
-      q, k, v, out, lse    b(q + kv + kv + q) + 4·heads (SDPA; "eager" adds the s-wide probabilities)
+      q, k, v, out, lse    b(q + kv + kv + q) + 4·heads (SDPA)
+      eager attention      b(q + q + q) + heads·keys·(4 + b) (q, k and v repeated to every head, the float32
+                           softmax and its b-byte copy: one copy in float32), + o_proj's input (a fresh copy)
       SwiGLU               3·b·i (gate, silu(gate), up)
       linear inputs        b·h (q/k/v), b·h (gate/up), b·i (down) when their weights train or are
                            LoRA-adapted (o_proj's input is SDPA's output, already kept); "peft" keeps a·in per
@@ -357,7 +366,9 @@ def activation_bytes(shape: ModelShape, technique: str, *, batch: int, seq_len: 
     (2·s·head_dim·b, shared by every block). Checkpointing keeps b·h per block instead of the block's terms.
     Prompt tuning runs s + num_virtual_tokens positions; prefix tuning attends to s + P keys (repeated to
     every head, with a b-byte mask, because transformers passes a mask to SDPA when a cache is present), and
-    its first block keeps nothing below its attention.
+    its first block keeps nothing below its attention. The first block of the techniques that freeze the
+    embedding keeps nothing for its input norm, and under eager attention its keys only if the queries
+    need a gradient.
     """
     b, a, L = bits // 8, adapter_bits // 8, shape.n_layers
     h, i, q, kv, heads, d = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.n_heads, shape.head_dim
@@ -382,34 +393,64 @@ def activation_bytes(shape: ModelShape, technique: str, *, batch: int, seq_len: 
 
     norm = 4 * h + 4 + (b * h if full else 0)
     attn_in = kept_input(("q_proj", "k_proj", "v_proj"), h)
-    o_in = kept_input(("o_proj",), q) if (lora_backward == "peft" and a != b and not full) else 0
+    if attention == "eager":  # o_proj reads a fresh contiguous copy of the attention output
+        o_in = kept_input(("o_proj",), q)
+    else:  # o_proj reads SDPA's output, which SDPA keeps anyway (peft: a float32 copy of it)
+        o_in = kept_input(("o_proj",), q) if (lora_backward == "peft" and a != b and not full) else 0
     mlp_in = kept_input(("gate_proj", "up_proj"), h)
     down_in = kept_input(("down_proj",), i)
     lora_h = a * lora_r * len(targets)
     ia3 = (2 * b * kv + a * i) if technique == "ia3" else 0
     per_token = norm + attn_in + o_in + norm + mlp_in + 3 * b * i + down_in + lora_h + ia3  # without attention
-    if technique == "prefix_tuning":  # keys and values over s + P positions, repeated to every head, and a mask
+    if attention == "eager":  # q, k and v repeated to every head, the float32 softmax and its b-byte copy
+        attention_bytes = rows * (s * b * q + keys * 2 * b * q + heads * s * keys * (4 + (b if b != 4 else 0)))
+    elif technique == "prefix_tuning":  # keys and values over s + P positions, repeated to every head, and a mask
         attention_bytes = rows * (s * (b * 2 * q + 4 * heads) + keys * 2 * b * q + s * keys * b)
     else:
         attention_bytes = tokens * (b * (2 * q + 2 * kv) + 4 * heads)
-    if attention == "eager":  # softmax keeps its float32 output, the matmul with v its b-byte copy
-        attention_bytes += rows * heads * s * keys * (4 + (b if b != 4 else 0))
     block = tokens * per_token + attention_bytes
     if per_block:
         return block
     if grad_checkpointing:
         blocks = L * tokens * b * h  # each block's input
     else:
-        blocks = L * block
-        if technique in ("lora", "qlora", "ia3", "prefix_tuning"):
-            # the embedding is frozen and so is the first norm's weight: nothing below the first block's
-            # linears needs a gradient, so its input norm keeps nothing
-            blocks -= tokens * (4 * h + 4)
-        blocks += 2 * s * d * b  # rotary cos and sin, (1, s, head_dim), shared by the blocks
+        blocks = L * block - _first_block_savings(technique, targets, attention, lora_backward, a, b, h, i, q, heads,
+                                                  s, tokens, rows, keys, attention_bytes)
+        if L > 1 or technique not in ("lora", "qlora") or targets & {"q_proj", "k_proj", "v_proj"}:
+            blocks += 2 * s * d * b  # rotary cos and sin, (1, s, head_dim), shared by the blocks
     once = tokens * (norm + (b * h if full else 0) + LOG_SOFTMAX_BYTES * shape.vocab + INDEX_BYTES) + 4
     if full:
         once += tokens * INDEX_BYTES  # token ids, for the embedding's gradient
     return blocks + once
+
+
+def _first_block_savings(technique, targets, attention, lora_backward, a, b, h, i, q, heads, s, tokens, rows, keys,
+                         attention_bytes) -> int:
+    """What the first block does not keep, compared with the others, when the embedding is frozen: a tensor
+    is kept only for a gradient, and below the first trained layer nothing needs one."""
+    if technique in ("full", "prompt_tuning"):  # the gradient reaches the input embeddings
+        return 0
+    savings = tokens * (4 * h + 4)  # the input norm: its input needs no gradient, its weight is frozen
+    attention_needs_grad = technique in ("ia3", "prefix_tuning") or bool(targets & {"q_proj", "k_proj", "v_proj"})
+    if not attention_needs_grad:  # LoRA on o_proj / the MLP only: attention keeps nothing in this block
+        savings += attention_bytes
+        if attention == "sdpa" and "o_proj" in targets and not (lora_backward == "peft" and a != b):
+            savings -= tokens * b * q  # o_proj's LoRA still keeps its input (SDPA's output)
+        if "o_proj" not in targets:  # nothing trains before the MLP: its norm keeps nothing, SwiGLU less
+            gate, up = "gate_proj" in targets, "up_proj" in targets
+            kept = b * i * (2 * gate + up)  # silu's input and up for gate's gradient; silu(gate) for up's
+            savings += tokens * (4 * h + 4 + 3 * b * i - kept)
+    elif attention == "eager":  # unlike SDPA, a matmul keeps one operand only for the other one's gradient
+        q_grad = "q_proj" in targets  # ia3, prefix tuning: frozen queries, trained keys and values
+        k_grad = technique in ("ia3", "prefix_tuning") or "k_proj" in targets
+        v_grad = technique in ("ia3", "prefix_tuning") or "v_proj" in targets
+        p_grad = q_grad or k_grad  # the attention probabilities
+        # softmax keeps its float32 output for its own gradient; p·v its b-byte copy for v's gradient
+        probabilities = 4 * p_grad + (b * v_grad if b != 4 else 4 * (v_grad and not p_grad))
+        kept = rows * (s * b * q * k_grad + keys * b * q * q_grad + keys * b * q * p_grad
+                       + heads * s * keys * probabilities)
+        savings += attention_bytes - kept
+    return savings
 
 
 # ------------------------------------------------------------------------------------------------
