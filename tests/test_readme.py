@@ -23,7 +23,12 @@ def test_syllabus_lists_every_lesson_with_its_true_status():
         assert row is not None and row.endswith(f"| {status} |"), (lesson, row)
 
 
+WITHOUT_EXERCISES = {"09"}  # the closing lesson measures and compares; DESIGN.md: 09 has no exercises unless it earns some
+
+
 def test_every_available_lesson_has_a_solution_and_an_exercise():
     for lesson, notebook in lesson_notebooks().items():
+        if lesson in WITHOUT_EXERCISES:
+            continue
         assert (ROOT / "solutions" / notebook.name).exists()
         assert (ROOT / "exercises" / notebook.name).exists()
