@@ -6,27 +6,33 @@ import argparse
 
 import torch
 
+from .device import bench_device, device_name, synchronizer
 from .shapes import lora_models
 from .timing import alternate, alternate_all
 
 
 def bench_lora(args: argparse.Namespace) -> dict:
-    """LoRA train step and mixed-adapter serving: course_lib vs peft on the same model and batch."""
+    """LoRA train step and mixed-adapter serving: course_lib vs peft on the same model and batch.
+
+    Like with like on both sides: the same base model and adapters (r = 16, α = 32, all linear layers,
+    adapters in float32 as peft keeps them), the same batch of random token ids (no padding, no packing),
+    no gradient checkpointing, AdamW on the adapters. Here the defaults are the same settings, so there is
+    one row per measurement, no separate defaults row."""
     from peft import LoraConfig
 
     from ..lora import BASE, add_lora, autograd_backward, mixed_batch
     from ..memory import measure_peak_memory, saved_activation_bytes
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda or args.bf16 else torch.float32
+    device = bench_device(args)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda or getattr(args, "bf16", False) else torch.float32
     shape = "tinyllama" if cuda else "embedded"
     batch, length = (8, 512) if cuda else (8, 256)
     targets = "all-linear"
     ours, theirs = lora_models(shape, device, dtype, r=16, targets=targets)
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(device)
     optimizers = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for m in (ours, theirs)}
 
@@ -70,7 +76,10 @@ def bench_lora(args: argparse.Namespace) -> dict:
             theirs(input_ids=ids, adapter_names=rows)
 
     s_ours, s_theirs = alternate(serve_ours, serve_theirs, repeats=args.repeats, sync=sync)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape, "dtype": str(dtype),
+    same = (f"{shape} model in {dtype}, batch {batch}×{length} random ids (no padding), LoRA r=16 α=32 all-linear "
+            "with float32 adapters, no gradient checkpointing, AdamW")
+    result = {"device": device_name(device), "shape": shape, "dtype": str(dtype),
+              "settings": {"course_lib": same, "peft": same},
               "batch": f"{batch}x{length}", "train_step_s": [t_ours, t_theirs], "train_step_ratio": t_ours / t_theirs,
               "train_step_autograd_backward_s": t_autograd,
               "peak_mb": [mem_ours.mb, mem_theirs.mb] if cuda else None,

@@ -6,22 +6,27 @@ import argparse
 
 import torch
 
+from .device import bench_device, device_name, synchronizer
 from .timing import alternate
 
 
 def bench_nf4(args: argparse.Namespace) -> dict:
     """NF4 dequantization throughput: course_lib (Triton on CUDA, torch on CPU) vs bitsandbytes, and a
-    plain bf16 copy of the same tensor as the bandwidth ceiling. Outputs are compared bit for bit."""
+    plain bf16 copy of the same tensor as the bandwidth ceiling. Outputs are compared bit for bit.
+
+    Like with like: both sides dequantize the very same packed bytes and absmax values (bitsandbytes'
+    own quantization of the tensor) to bf16, blocksize 64; library defaults are these settings, so
+    there is no separate defaults row."""
     import bitsandbytes.functional as bnbf
 
     from ..nf4 import dequantize_nf4, quantize_nf4
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device = bench_device(args)
+    cuda = device.type == "cuda"
+    sync = synchronizer(device)
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
     rows = []
-    print(f"nf4 dequant · {torch.cuda.get_device_name() if cuda else 'cpu'} · bf16 output, blocksize 64")
+    print(f"nf4 dequant · {device_name(device)} · bf16 output, blocksize 64")
     for shape in shapes:
         w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16).to(device)
         their_packed, their_state = bnbf.quantize_4bit(w, quant_type="nf4")
@@ -43,7 +48,7 @@ def bench_nf4(args: argparse.Namespace) -> dict:
                                   repeats=args.repeats, sync=sync)
         t_copy, _ = alternate(many(lambda: w.clone()), lambda: None, repeats=args.repeats, sync=sync)
         t_ours, t_bnb, t_copy = t_ours / inner, t_bnb / inner, t_copy / inner
-        row = {"shape": list(shape), "ours_GBps": moved / t_ours / 1e9, "bnb_GBps": moved / t_bnb / 1e9,
+        row = {"shape": list(shape), "us": [t_ours * 1e6, t_bnb * 1e6], "ours_GBps": moved / t_ours / 1e9, "bnb_GBps": moved / t_bnb / 1e9,
                "copy_GBps": 2 * n * 2 / t_copy / 1e9, "ratio_to_bnb": t_bnb / t_ours, "bit_exact": exact,
                "same_quantization": same_quantization}
         row["share_of_copy"] = row["ours_GBps"] / row["copy_GBps"]
@@ -68,4 +73,5 @@ def bench_nf4(args: argparse.Namespace) -> dict:
               f"   ({row['dq_ratio_to_bnb']:.2f}× bnb's throughput)   dequant bit-exact {dq_exact} · 4-bit data, offset"
               f" and scales equal {dq_same} · 8-bit absmax indices equal {agree:.2%}")
         rows.append(row)
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
+    same = "the same packed NF4 bytes and absmax (bitsandbytes' quantization) → bf16, blocksize 64"
+    return {"device": device_name(device), "settings": {"course_lib": same, "bitsandbytes": same}, "rows": rows}

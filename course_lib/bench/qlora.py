@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from .device import bench_device, device_name, synchronizer
 from .shapes import base_model
 from .timing import alternate_all
 
@@ -37,19 +38,24 @@ def bench_qlora(args: argparse.Namespace) -> dict:
     """QLoRA vs LoRA on the same model and batch: memory and time per training step, with and without
     gradient checkpointing (the common claim "QLoRA: 33% less memory for 33% more time"; Raschka, "Practical
     Tips for Finetuning LLMs Using LoRA", 2023, measured 33% less memory for 39% more time on Llama 2 7B).
-    course_lib's QLoRA (NF4 + double quant + LoRA) and, where bitsandbytes runs, bitsandbytes + peft's."""
+    course_lib's QLoRA (NF4 + double quant + LoRA) and, where bitsandbytes runs, bitsandbytes + peft's.
+
+    course_lib ÷ library compares the two QLoRAs at the same checkpointing setting (off, then on), on the
+    same model, batch (random ids, no padding), dtype, rank and NF4 + double quant. One setting differs
+    from what a learner gets from peft: ``prepare_model_for_kbit_training`` is not called (it would upcast
+    norms and embeddings to float32, which course_lib does not do), so both keep the model's dtype."""
     import gc
 
     from ..lora import add_lora
     from ..nf4 import quantize_model
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = bench_device(args)
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = "tinyllama" if cuda else "embedded"
     batch, length = (8, 512) if cuda else (4, 128)
     r = 16
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(device)
     import importlib.util
 
     kinds = ["LoRA (course_lib)", "QLoRA (course_lib)"]
@@ -99,8 +105,7 @@ def bench_qlora(args: argparse.Namespace) -> dict:
         times = alternate_all([steps[k] for k in kinds], repeats=args.repeats, sync=sync)
         for kind, seconds in zip(kinds, times):
             next(row for row in rows if row["kind"] == kind and row["checkpointing"] == checkpointing)["step_s"] = seconds
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"qlora · {device_name} · {shape} {dtype} batch {batch}×{length} · r={r} all-linear · NF4 + double quant")
+    print(f"qlora · {device_name(device)} · {shape} {dtype} batch {batch}×{length} · r={r} all-linear · NF4 + double quant")
     print(f"  {'':30s} {'checkpointing':>13s} {'weights':>9s} {'peak':>9s} {'s/step':>8s}   vs LoRA (memory, time)")
     for row in rows:
         ref = next(x for x in rows if x["kind"] == kinds[0] and x["checkpointing"] == row["checkpointing"])
@@ -109,7 +114,11 @@ def bench_qlora(args: argparse.Namespace) -> dict:
         memory = (f"{row['weights_gib']:7.2f} G {row['peak_gib']:7.2f} G" if cuda else f"{'n/a':>9s} {'n/a':>9s}")
         versus = (f"{row['memory_vs_lora'] - 1:+.0%}, " if cuda else "") + f"{row['time_vs_lora'] - 1:+.0%}"
         print(f"  {row['kind']:30s} {'on' if row['checkpointing'] else 'off':>13s} {memory} {row['step_s']:8.3f}   {versus}")
-    return {"device": device_name, "shape": shape, "dtype": str(dtype), "batch": f"{batch}x{length}", "rows": rows}
+    same = (f"{shape} model in {dtype}, batch {batch}×{length} random ids (no padding), NF4 + double quant, "
+            f"LoRA r={r} α={2 * r} all-linear, compute in {dtype}, AdamW; checkpointing off and on, on both sides")
+    settings = {"course_lib": same, "bitsandbytes + peft": same + " (no prepare_model_for_kbit_training)"}
+    return {"device": device_name(device), "shape": shape, "dtype": str(dtype), "batch": f"{batch}x{length}",
+            "settings": settings, "rows": rows}
 
 
 def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:

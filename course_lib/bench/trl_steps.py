@@ -4,19 +4,47 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 
-# The two ways the alignment benchmarks run TRL: as a learner gets it (how `course-bench sft` times TRL), and
-# in float32 without gradient checkpointing — the same arithmetic as course_lib.
+
+# The two ways the DPO and GRPO benchmarks run TRL: as a learner gets it (its defaults: bf16 autocast and
+# gradient checkpointing, as `Trainer.train()` would switch them on), and in float32 without gradient
+# checkpointing — course_lib's arithmetic, the like-with-like headline.
 TRL_VARIANTS = {"defaults": {}, "float32": {"bf16": False, "gradient_checkpointing": False}}
 
 
 def ready_for_steps(trainer, steps: int):
-    """Prepare a transformers/TRL trainer for :func:`trainer_steps` as ``Trainer.train()`` would: its optimizer
-    and scheduler for ``steps`` steps, no gradient accumulation, the model in train mode."""
+    """Prepare a transformers/TRL trainer for :func:`trainer_steps` as ``Trainer.train()`` would: activation
+    (gradient) checkpointing switched on when its arguments ask for it, its model's forward under autocast
+    when they ask for bf16/fp16, its optimizer and scheduler for ``steps`` steps, no gradient accumulation,
+    the model in train mode.
+
+    ``train()`` gets the last two from ``accelerator.prepare(model)``; that is not called here because
+    accelerate's precision lives in one ``AcceleratorState`` per process, shared by every trainer in it —
+    the last trainer built sets it for all (a float32 trainer built after a bf16 one switches the bf16
+    one's autocast off). The benchmarks hold several trainers in one process, so each trainer's own
+    ``args`` decide here, the way ``accelerator.prepare_model`` applies them to a single trainer."""
+    args, model = trainer.args, trainer.model
+    if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
+        options = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+        every_n_layers, offload = options.pop("every_n_layers", 1), options.pop("offload", False)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options or None,
+                                              every_n_layers=every_n_layers, offload=offload)
+    precision = autocast_dtype(trainer)
+    if precision is not None and not hasattr(model, "_forward_before_autocast"):
+        from accelerate.utils import convert_outputs_to_fp32
+
+        model._forward_before_autocast = model.forward
+        model.forward = convert_outputs_to_fp32(torch.autocast(args.device.type, dtype=precision)(model.forward))
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     return trainer
+
+
+def autocast_dtype(trainer) -> torch.dtype | None:
+    """The autocast precision a trainer's arguments ask for (``bf16`` / ``fp16``), or None for float32."""
+    return torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
 
 
 def trl_step_times(t_ours: float, t_trl: dict[str, float], steps: int) -> dict:
@@ -26,11 +54,12 @@ def trl_step_times(t_ours: float, t_trl: dict[str, float], steps: int) -> dict:
 
 
 def trl_settings(trainer) -> str:
-    """What a trainer's timed steps really run with: its autocast precision, and whether gradient
-    checkpointing is on in the model (transformers' ``Trainer.train()`` would switch it on; timing the
-    steady-state ``training_step`` alone runs whatever the trainer's constructor left)."""
+    """What a trainer's timed steps run with after :func:`ready_for_steps`: its autocast precision and
+    whether gradient checkpointing is on in its model."""
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules())
-    return f"{trainer.accelerator.mixed_precision} autocast, checkpointing {'on' if checkpointing else 'off'}"
+    precision = autocast_dtype(trainer)
+    autocast = "no autocast (float32)" if precision is None else f"{str(precision).removeprefix('torch.')} autocast"
+    return f"{autocast}, checkpointing {'on' if checkpointing else 'off'}"
 
 
 def trainer_steps(trainer, batches: list[dict]) -> None:
