@@ -35,7 +35,10 @@ Each term, and where it comes from:
   token; (4) SwiGLU keeps three ``intermediate``-wide tensors (gate, silu(gate), up). What a technique
   freezes changes the count: a frozen linear layer keeps nothing for its weight's gradient, so only
   full fine-tuning and the adapted layers keep their inputs. The loss keeps a float32 log-softmax of
-  the vocabulary for every token, often the largest single tensor. With gradient checkpointing
+  the vocabulary for every token, often the largest single tensor. For a Llama-2-7B block in bf16, full
+  fine-tuning keeps 186 504 bytes per token ≈ 45.5·h (Korthikanti's GPT block: 34·h + 5·a·s): SwiGLU's
+  wider MLP (8·i ≈ 21.5·h) and the float32 norm inputs add more than the s × s scores would at s ≲ 1 000
+  tokens, and those are gone. With gradient checkpointing
   (Chen et al. 2016; Korthikanti's "full recomputation", ``2sbh`` per layer) each block keeps only its
   input and recomputes the rest in the backward pass.
 * **transient** — the step's largest short-lived tensors: the float32 gradients flowing into and out of
@@ -53,6 +56,15 @@ transient, gradients + step temporary)``. ``fits`` compares ``peak`` with a GPU'
 tests/test_planner.py checks every term against the bytes counted on real models (exact), the peak
 against measured peaks (CPU resident memory, and the CUDA figures in benchmarks/RESULTS.md), and the
 feasibility table against arithmetic done by hand.
+
+Compared with ``accelerate estimate-memory`` (accelerate/commands/estimate.py): that command needs the hub
+API even for a local folder (it asks ``huggingface_hub.model_info`` first), so it cannot run offline; its
+arithmetic can (``estimate_training_usage``), and differs from this planner in three ways. It builds
+``AutoModel`` — the model without its output head — so an untied head's parameters are missing; its
+"Training using Adam" column is the *largest* of model, gradients, optimizer and step (float32: 4 × the
+model's bytes, the same 16 bytes per parameter as here; float16/bf16: 8 bytes per parameter, where mixed
+precision holds bf16 weights, float32 masters, bf16 gradients and float32 moments together: 16); and it
+has no activations, so it is the same for batch 1 and batch 64, and says nothing about adapters or NF4.
 """
 
 from __future__ import annotations

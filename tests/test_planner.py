@@ -12,12 +12,8 @@
 """
 
 import copy
-import json
 import math
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,26 +23,12 @@ from course_lib.memory import (estimate_serving_memory_gb, feasibility_table, pa
 from course_lib.planner import (LLAMA2_SHAPES, TECHNIQUES, MemoryPlan, activation_bytes, count_parameters_of_config,
                                 nf4_bytes, shape_of_config)
 
-from .conftest import ROOT
-from .scripts.planner_peak import BATCH, SEQ_LEN, adapt, planner_kwargs
+from .scripts.planner_peak import (TINYLLAMA, adapt, measured_step, planner_kwargs, results_md_lora_peaks,
+                                   stored_weight_bytes)
 
 TRAINING = [t for t in TECHNIQUES if t != "inference"]
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
-TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-
-
-def nf4_buffer_bytes(model) -> int:
-    from course_lib.nf4 import NF4Linear
-
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear)
-               for b in m.buffers())
-
-
-def stored_weight_bytes(model) -> int:
-    """Every parameter, plus the 4-bit codes and scales QLoRA keeps as buffers (not parameters)."""
-    return parameter_bytes(model) + nf4_buffer_bytes(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,15 +196,6 @@ def test_peft_lora_keeps_a_float32_copy_of_each_adapted_layers_input():
 # ------------------------------------------------------------------------------------------------
 # Peak: measured on a CPU (slow: one fresh process per technique) and on a GPU (benchmarks/RESULTS.md)
 # ------------------------------------------------------------------------------------------------
-def measured_step(technique: str, checkpointing: bool = False) -> dict:
-    """tests/scripts/planner_peak.py in a fresh process (see its docstring for the malloc setting)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "tests/scripts/planner_peak.py"), technique]
-    out = subprocess.run(command + (["--checkpointing"] if checkpointing else []), env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("technique, checkpointing", [(t, False) for t in TRAINING] + [("full", True), ("lora", True)])
 def test_planned_step_peak_is_near_the_measured_cpu_peak(technique, checkpointing):
@@ -238,19 +211,6 @@ def test_planned_step_peak_is_near_the_measured_cpu_peak(technique, checkpointin
     print(f"{technique} checkpointing={checkpointing}: measured {result['measured'] / 1e6:.1f} MB, planned "
           f"{result['predicted'] / 1e6:.1f} MB, ratio {ratio:.3f}")
     assert 0.75 <= ratio <= 1.25, result
-
-
-def results_md_lora_peaks() -> dict[str, tuple[float, float]]:
-    """{run time: (course_lib MB, peft MB)} from the LoRA table of benchmarks/RESULTS.md."""
-    text = (ROOT / "benchmarks/RESULTS.md").read_text()
-    section = text.split("### LoRA — `course-bench lora` (TinyLlama-1.1B shape")[1].split("###")[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) > 5 and re.fullmatch(r"\d\d:\d\d", cells[0]):
-            ours, theirs = re.fullmatch(r"([\d ]+) / ([\d ]+) MB", cells[4]).groups()
-            rows[cells[0]] = (float(ours.replace(" ", "")), float(theirs.replace(" ", "")))
-    return rows
 
 
 def test_planned_peak_matches_the_cuda_peaks_in_results_md():
