@@ -252,6 +252,8 @@ def plan(n_params: float, technique: str, *, bits: int = 16, batch: int | None =
     ``adapter_bits`` (32, as peft). ``lora_backward``: "course_lib" keeps each distinct 16-bit input of
     the adapted layers once (`course_lib.lora.LoRAFunction`); "peft" keeps a float32 copy per adapted
     layer (autograd through peft's ``x.to(lora_A.dtype)``). ``optimizer``: "adamw" or "sgd" (momentum).
+    Not modelled: autocast over float32 weights (it keeps bf16 copies of the weights for the backward),
+    padding masks, optimizers that shard or page their state, and per-architecture extras (biases aside).
     """
     if technique not in TECHNIQUES:
         raise ValueError(f"technique {technique!r} is not one the planner knows: use one of {list(TECHNIQUES)}")

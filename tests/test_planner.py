@@ -336,8 +336,7 @@ def test_feasibility_table_cells_follow_hand_arithmetic():
     # QLoRA 7B at batch 1 × 512 with checkpointing, by hand:
     h, i, L, V, r = 4096, 11008, 32, 32000, 16
     block_linears = 4 * h * h + 3 * h * i  # q, k, v, o (no GQA at 7B) + gate, up, down
-    nf4 = L * block_linears * (4 + 32 / 64 + 8 / (64 * 256)) / 8 - L * block_linears * 32 / 64 / 8 + \
-        L * block_linears * 8 / 64 / 8  # 4-bit codes + 8-bit absmax per 64 (+ fp32 per 256 blocks)
+    nf4 = L * block_linears * (4 + 8 / 64 + 32 / (64 * 256)) / 8  # bits: code + 8-bit absmax / 64 + fp32 / 16384
     rest = (6_738_415_616 - L * block_linears) * 2  # embedding, head, norms in bf16
     lora = L * r * (4 * 2 * h + 3 * (h + i))  # A and B of every linear
     state = lora * (4 + 4 + 8)  # fp32 adapters, gradients, moments
@@ -345,6 +344,8 @@ def test_feasibility_table_cells_follow_hand_arithmetic():
     by_hand = nf4 + rest + state + activations
     planned = next(r for r in rows if r["model"] == "Llama-2 7B" and r["technique"] == "qlora")["peak_gb"]
     assert by_hand / 1e9 < 24 and cell(rows, "7B", "qlora", "24 GB")
+    # 4.84 GB by hand vs 4.7 planned: the hand sum also holds the adapters' gradients (0.16 GB), which the
+    # planner's timeline does not have at the backward's start, when the activations peak
     assert planned == pytest.approx(by_hand / 1e9, rel=0.05)
     # QLoRA 70B: ~35 GB of 4-bit weights, so not 24 GB, but 48 GB (QLoRA's headline: 65B on one 48 GB GPU)
     assert not cell(rows, "70B", "qlora", "24 GB") and cell(rows, "70B", "qlora", "48 GB")

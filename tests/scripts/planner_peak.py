@@ -1,6 +1,7 @@
 """The memory planner's test models and measurements, and one measured training step:
-``python tests/scripts/planner_peak.py TECHNIQUE [--checkpointing]`` prints, as JSON, the peak resident memory a steady-state step of the embedded model adds
-(course_lib.memory.measure_peak_memory) next to the planner's prediction (``MemoryPlan.step_peak``).
+``python tests/scripts/planner_peak.py TECHNIQUE [--checkpointing]`` prints, as JSON, the peak resident memory
+a steady-state step of the embedded model adds (course_lib.memory.measure_peak_memory) next to the planner's
+prediction (``MemoryPlan.step_peak``).
 
 Run it in a fresh process (tests/test_planner.py does) with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then
 serves every allocation above 64 KiB with its own mmap and returns it to the system when freed, so the

@@ -64,8 +64,9 @@ def main() -> None:
           "(benchmarks/RESULTS.md, H200)\n")
     print("| run | measured | planned | error |")
     print("|---|---|---|---|")
-    print(f"| peft (fp32 adapters), 11:36 | {rows['11:36'][1]:.0f} MB | {peft:.1f} MB | {(peft - rows['11:36'][1]) / rows['11:36'][1]:+.3%} |")
-    print(f"| course_lib bf16 adapters, 10:44 | {rows['10:44'][0]:.0f} MB | {bf16:.1f} MB | {(bf16 - rows['10:44'][0]) / rows['10:44'][0]:+.3%} |")
+    for label, (measured, planned) in {"peft (fp32 adapters), 11:36": (rows["11:36"][1], peft),
+                                       "course_lib bf16 adapters, 10:44": (rows["10:44"][0], bf16)}.items():
+        print(f"| {label} | {measured:.0f} MB | {planned:.1f} MB | {(planned - measured) / measured:+.3%} |")
     print(f"| course_lib LoRAFunction (not yet measured on a GPU) | — | {now:.1f} MB | — |")
 
 
