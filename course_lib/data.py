@@ -63,7 +63,18 @@ def _stable_hash(text: str) -> int:
 
 
 def split_of(key: str, heldout_percent: int = 10) -> Split:
-    """Assign an item to ``train`` or ``heldout`` from its identity alone."""
+    """Assign an item to ``train`` or ``heldout`` from its identity alone: ``heldout`` when a stable hash of
+    ``key`` falls in the first ``heldout_percent`` of 100 buckets. ``heldout_percent`` runs from 0 (every
+    item is ``train``) to 100 (every item is ``heldout``); anything outside is an error."""
+    if not isinstance(key, str):
+        raise TypeError(f"split_of: key must be a string naming the item (e.g. 'story:' + text), "
+                        f"got {type(key).__name__}")
+    if isinstance(heldout_percent, bool) or not isinstance(heldout_percent, (int, float)):
+        raise TypeError(f"split_of: heldout_percent must be a number from 0 to 100, got "
+                        f"{type(heldout_percent).__name__} {heldout_percent!r:.40}")
+    if not 0 <= heldout_percent <= 100:
+        raise ValueError(f"split_of: heldout_percent={heldout_percent!r} is a percentage of the items: give a "
+                         f"number from 0 (none held out) to 100 (all held out), e.g. 10")
     return "heldout" if _stable_hash(key) % 100 < heldout_percent else "train"
 
 
@@ -116,8 +127,18 @@ def ending_sentiment(text: str) -> Literal["happy", "sad"] | None:
     return None
 
 
+STORY_LABELS = ("happy", "sad")
+
+
 def make_story(rng: random.Random, label: Literal["happy", "sad"] | None = None) -> Story:
-    """One short story; the ending (and only the ending) carries the sentiment."""
+    """One short story; the ending (and only the ending) carries the sentiment. ``label``: one of
+    :data:`STORY_LABELS`, or None for a random one (drawn from ``rng``, a ``random.Random``)."""
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"make_story: rng must be a random.Random (e.g. random.Random(0)), "
+                        f"got {type(rng).__name__} {rng!r:.40}")
+    if label is not None and label not in STORY_LABELS:
+        raise ValueError(f"make_story: label={label!r} is not a story label: give one of "
+                         f"{', '.join(map(repr, STORY_LABELS))}, or None for a random one")
     name, friend = rng.sample(NAMES, 2)
     animal, helper = rng.sample(ANIMALS, 2)
     place, thing, hazard, adj = (rng.choice(PLACES), rng.choice(THINGS), rng.choice(HAZARDS),
@@ -135,7 +156,7 @@ def make_story(rng: random.Random, label: Literal["happy", "sad"] | None = None)
         f"But the {thing} fell into {hazard}.",
         f"Suddenly, the {thing} rolled away into {hazard}.",
     ])
-    label = label or rng.choice(["happy", "sad"])
+    label = label or rng.choice(list(STORY_LABELS))
     ending = rng.choice(_HAPPY if label == "happy" else _SAD).format(
         name=name, friend=friend, thing=thing, helper=helper)
     return Story(body=f"{opener} {middle} {trouble}", ending=ending, label=label)

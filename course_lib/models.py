@@ -86,6 +86,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine can use (None: :func:`default_device`), or a clear error
+    naming ``device`` and what to pass instead: a ValueError for a string PyTorch does not read as a device
+    (``"tpu"``, ``"gpu"``, ``"cuda:x"``), a RuntimeError for one this machine lacks (``"cuda"`` without a
+    CUDA GPU, ``"cuda:3"`` with fewer GPUs, ``"mps"`` off Apple silicon)."""
+    if device is None:
+        return default_device()
+    here = f"this machine has: 'cpu'{', ' + repr('cuda') if torch.cuda.is_available() else ''}; None picks {str(default_device())!r}"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', a torch.device, or None for the default, "
+                        f"got {type(device).__name__} {device!r:.40} ({here})")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        tpu = " (TPUs are reached through torch_xla, which the course does not use)" if "tpu" in str(device).lower() else ""
+        raise ValueError(f"device={device!r} is not a device PyTorch knows{tpu}: pass 'cpu', 'cuda' or 'cuda:N' "
+                         f"(N: the GPU's index), 'mps' on Apple silicon, or None for the default ({here})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise RuntimeError(f"device={device!r}, but {why} (torch.cuda.is_available() is False): pass device='cpu', "
+                               f"or None, which picks 'cuda' where a GPU is available")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise RuntimeError(f"device={device!r}, but this machine has {count} CUDA GPU(s), indices 0 to {count - 1}: "
+                               f"pass one of those, e.g. 'cuda:0'")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device={device!r}, but MPS (Apple silicon GPUs) is not available here "
+                           f"(torch.backends.mps.is_available() is False): pass device='cpu' or None ({here})")
+    return resolved
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, quantization: str | None = None):
     """Return ``(model, tokenizer)``.
@@ -99,7 +131,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)  # before any loading: a wrong device fails at once, saying what to pass
     dtype = dtype or torch.float32
     kwargs: dict = {"dtype": dtype}
     if quantization == "bnb-nf4":

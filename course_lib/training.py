@@ -17,6 +17,7 @@ the token mean over the accumulation window and over all devices, not a mean of 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import time
@@ -29,6 +30,22 @@ from torch import nn
 
 @dataclass
 class TrainConfig:
+    """The settings of one :func:`train` run.
+
+    ``seed`` seeds torch's random number generator when ``train()`` starts: what the run itself draws
+    (dropout masks, a loss that samples) is then the same in every run. It does **not** seed the
+    adapter's initial weights: ``add_lora`` (like every adapter that starts from random weights, and
+    like ``peft.get_peft_model``) draws them from torch's generator when it is called, before ``train()``
+    and its seed. For two runs that start from the same adapter, seed torch before adding it::
+
+        torch.manual_seed(0)
+        add_lora(model, ["q_proj", "v_proj"], r=8)
+        train(model, batches, TrainConfig(steps=100, seed=0))
+
+    The order of batches is the data's own: pass the same ``batches`` for the same run
+    (``ShuffledEpochs`` takes a seed of its own). tests/test_train_seed.py checks the rest.
+    """
+
     steps: int
     lr: float = 1e-3
     warmup_steps: int = 0
@@ -39,7 +56,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    seed: int = 0
+    seed: int = 0  # torch's generator at train()'s start: dropout, sampling. Not the adapter's init (see above)
     progress: bool = True
     desc: str = "train"
     use_accelerate: bool | None = None  # None: only when started by `accelerate launch`
@@ -52,6 +69,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int (a count of optimizer steps / micro-batches), got {value!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int (torch.manual_seed's, at the start of train()), got {self.seed!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be a positive number (e.g. 1e-3 for LoRA), got {self.lr!r}")
         if self.optimizer not in ("adamw", "sgd"):

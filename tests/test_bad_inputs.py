@@ -75,6 +75,18 @@ CASES = [
      ValueError, r"unknown quantization 'int3'; choose one of \(None, 'bnb-nf4'\)"),
     ("load_model/name-not-a-path", lambda c: models.load_model(123),
      TypeError, r"name_or_path must be a folder, a hub id \(str\) or None.*got int"),
+    ("load_model/device-tpu", lambda c: models.load_model(None, device="tpu"),
+     ValueError, r"device='tpu' is not a device PyTorch knows \(TPUs are reached through torch_xla.*pass 'cpu', 'cuda' "
+                 r"or 'cuda:N'.*or None for the default"),
+    ("load_model/device-malformed", lambda c: models.load_model(None, device="cuda:first"),
+     ValueError, r"device='cuda:first' is not a device PyTorch knows: pass 'cpu', 'cuda' or 'cuda:N' \(N: the GPU's index\)"),
+    ("load_model/device-not-a-string", lambda c: models.load_model(None, device=0),
+     TypeError, r"device must be a string such as 'cpu' or 'cuda:0', a torch\.device, or None.*got int 0"),
+    # "cuda" where this machine has no CUDA GPU; where it has some, one index past the last
+    ("load_model/device-cuda-unavailable",
+     lambda c: models.load_model(None, device=f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"),
+     RuntimeError, r"device='cuda(:\d+)?', but (this PyTorch is built without CUDA|no CUDA GPU is visible|this machine has "
+                   r"\d+ CUDA GPU).*pass (device='cpu'|one of those)"),
     # --- data
     ("data.load_jsonl/missing", lambda c: data.load_jsonl(c["tmp"] / "none.jsonl"),
      FileNotFoundError, r"dataset file .*none\.jsonl does not exist"),
@@ -95,6 +107,19 @@ CASES = [
      ValueError, r"row 0: chosen and rejected are identical.*drop the row"),
     ("data.sentiment_examples/split (hung before)", lambda c: data.sentiment_examples(2, 0, split="test"),
      ValueError, r"split must be 'train' or 'heldout', got 'test'"),
+    ("data.split_of/percent-over-100", lambda c: data.split_of("story:x", heldout_percent=200),
+     ValueError, r"heldout_percent=200 is a percentage of the items: give a number from 0 \(none held out\) to 100"),
+    ("data.split_of/percent-negative", lambda c: data.split_of("story:x", heldout_percent=-5),
+     ValueError, r"heldout_percent=-5 is a percentage of the items: give a number from 0"),
+    ("data.split_of/percent-string", lambda c: data.split_of("story:x", heldout_percent="10"),
+     TypeError, r"heldout_percent must be a number from 0 to 100, got str '10'"),
+    ("data.split_of/key", lambda c: data.split_of(42),
+     TypeError, r"key must be a string naming the item.*got int"),
+    ("data.make_story/label (a sad story labelled 'angry' before)",
+     lambda c: data.make_story(random.Random(0), label="angry"),
+     ValueError, r"label='angry' is not a story label: give one of 'happy', 'sad', or None for a random one"),
+    ("data.make_story/rng", lambda c: data.make_story(0, label="happy"),
+     TypeError, r"rng must be a random\.Random \(e\.g\. random\.Random\(0\)\), got int"),
     # --- templates
     ("templates.task_rows/task", lambda c: templates.task_rows("nope", "train"),
      KeyError, r"unknown task 'nope'; tasks are \["),
@@ -149,6 +174,8 @@ CASES = [
      ValueError, r"max_grad_norm must be positive, or None"),
     ("TrainConfig/betas", lambda c: training.TrainConfig(steps=1, betas=(1.5, 0.9)),
      ValueError, r"betas must be two numbers in \[0, 1\)"),
+    ("TrainConfig/seed", lambda c: training.TrainConfig(steps=1, seed=None),
+     TypeError, r"seed must be an int \(torch\.manual_seed's, at the start of train\(\)\), got None"),
     ("TrainConfig/min_lr_ratio", lambda c: training.TrainConfig(steps=1, min_lr_ratio=2),
      ValueError, r"min_lr_ratio must be in \[0, 1\]"),
     ("train/config-dict", lambda c: _train(c, [], {"steps": 1}),
@@ -332,3 +359,11 @@ def test_bad_input_raises_a_clear_error(ctx, call, error, message):
     random.seed(0)
     with pytest.raises(error, match=message):
         call(ctx)
+
+
+def test_split_of_accepts_its_edges_0_and_100_percent():
+    """The edges of heldout_percent's range are allowed and mean what they say (the rows above refuse beyond)."""
+    keys = [f"story:{i}" for i in range(200)]
+    assert {data.split_of(key, heldout_percent=0) for key in keys} == {"train"}
+    assert {data.split_of(key, heldout_percent=100) for key in keys} == {"heldout"}
+    assert {data.split_of(key, heldout_percent=50) for key in keys} == {"train", "heldout"}
