@@ -17,10 +17,11 @@ gradients: the prompt's keys and values receive the gradient of every completion
 
 Packed row of a prompt with n completions (real tokens only; right padding up to the longest row)::
 
-    [ p_1 … p_Lp | c1_1 … c1_L1 | c2_1 … c2_L2 | … ]      positions 0…Lp−1 | Lp…Lp+L1−1 | Lp…Lp+L2−1 | …
+    [ p_1 … p_Lp | c1_1 … c1_L1−1 | c2_1 … c2_L2−1 | … ]      positions 0…Lp−1 | Lp…Lp+L1−2 | Lp…Lp+L2−2 | …
 
 The logits that predict completion k's token j come from the packed position of its token j − 1, and
-from the prompt's last token for j = 0. Only those positions go through the LM head.
+from the prompt's last token for j = 0. Only those positions go through the LM head. A completion's
+last token is left out of the row: it predicts nothing and no later token of its completion reads it.
 
 When it pays: the tokens pushed through the model fall from n·(Lp + Lc) to Lp + n·Lc per prompt — for
 DPO on story openers (Lp ≈ 42, Lc ≈ 24, n = 2) 38 % fewer, for GRPO additions (Lp ≈ 15, Lc ≤ 6, G = 8)
@@ -84,6 +85,7 @@ def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, com
     device = prompt_ids.device
     prompt_length = prompt_mask.long().sum(dim=1)  # (P,)
     completion_length = completion_mask.long().sum(dim=1).view(n_prompts, n_per_prompt)  # (P, n)
+    completion_length = (completion_length - 1).clamp(min=0)  # tokens in the row: all but the last, which predicts nothing
     ends = prompt_length[:, None] + completion_length.cumsum(dim=1)  # (P, n): one past each completion
     starts = ends - completion_length  # (P, n)
     length = int(ends[:, -1].max())

@@ -240,11 +240,12 @@ def test_a_model_that_cannot_run_packed_rows_falls_back_to_the_full_sequences(em
 # The packing itself, by hand, and bad inputs
 # --------------------------------------------------------------------------------------------
 def test_packing_by_hand():
-    """Prompt [5, 6] (left-padded to 3 columns) with completions [7, 8] and [9]: one row 5 6 7 8 9 at
-    positions 0 1 2 3 2; 9 sees the prompt and itself, not 7 or 8; 7 is predicted from 6 (column 1),
-    8 from 7 (column 2), 9 from 6 (column 1)."""
+    """Prompt [5, 6] (left-padded to 3 columns) with completions [7, 8, 4] and [9, 3]: one row 5 6 7 8 9 at
+    positions 0 1 2 3 2 (each completion's last token, which predicts nothing, is left out); 9 sees the
+    prompt and itself, not 7 or 8; 7 is predicted from 6 (column 1), 8 from 7, 4 from 8, 9 from 6, 3 from 9."""
     packed = pack_shared_prompts(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]),
-                                 torch.tensor([[7, 8], [9, 0]]), torch.tensor([[1, 1], [1, 0]]), 2, pad_id=0)
+                                 torch.tensor([[7, 8, 4], [9, 3, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), 2,
+                                 pad_id=0)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2]]
     allowed = [[1, 0, 0, 0, 0],
@@ -253,7 +254,7 @@ def test_packing_by_hand():
                [1, 1, 1, 1, 0],
                [1, 1, 0, 0, 1]]
     assert packed.attention[0, 0].long().tolist() == allowed
-    assert packed.predictor[:, :1].tolist() == [[1], [1]] and packed.predictor[0, 1] == 2
+    assert packed.predictor[0].tolist() == [1, 2, 3] and packed.predictor[1, :2].tolist() == [1, 4]
 
 
 def test_a_completion_that_sees_its_sibling_is_caught():
