@@ -59,7 +59,8 @@ gradients, optimizer state and activations are exact, byte for byte, for every t
 model and a tiny Llama (fp32 and bf16, SDPA and eager, checkpointing on and off); the step's peak is within
 0.01 % of the CUDA peaks in benchmarks/RESULTS.md (TinyLlama-1.1B shape, LoRA, 8 × 512 tokens: 13 437 MB with
 peft, 8 711 MB with bf16 adapters) and within 2 % of a CPU step's peak resident memory without checkpointing;
-with checkpointing it is 3–10 % high (it takes a recomputed block as alive all at once). The feasibility
+with checkpointing within −5 … +11 % (it takes a recomputed block as alive all at once, and nothing else
+alive with it). The feasibility
 table's cells are checked against arithmetic done by hand.
 
 Compared with ``accelerate estimate-memory`` (accelerate/commands/estimate.py): that command needs the hub
