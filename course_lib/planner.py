@@ -51,7 +51,8 @@ Each term, and where it comes from:
 ``total`` is the sum of all terms, the figure planners usually quote. ``peak`` follows the step's
 timeline: the weights and optimizer state are always there; activations and the transient exist up to
 the start of the backward pass, while the gradients and the optimizer's temporary (one moment-sized
-buffer in torch's AdamW) exist at the end — so ``peak = weights + optimizer + max(activations +
+buffer, √v, in torch's foreach AdamW, its default on CUDA; a CPU's per-tensor loop needs less) exist at
+the end — so ``peak = weights + optimizer + max(activations +
 transient, gradients + step temporary)``. ``fits`` compares ``peak`` with a GPU's memory.
 
 How close it is (tests/test_planner.py; ``python tests/scripts/planner_table.py`` prints the table): weights,
@@ -319,7 +320,7 @@ def plan(n_params: float, technique: str, *, bits: int = 16, batch: int | None =
                                      num_virtual_tokens=num_virtual_tokens, grad_checkpointing=False,
                                      attention=attention, lora_backward=lora_backward, per_block=True)
         transient = max(loss_transient, one_block)
-    step_temporary = trainable * state_b if optimizer == "adamw" else 0  # torch's foreach AdamW: sqrt(v) buffer
+    step_temporary = trainable * state_b if optimizer == "adamw" else 0  # foreach AdamW (CUDA): one √v buffer
     peak = weights + optimizer_bytes + max(acts + transient, gradients + step_temporary)
     settings = dict(n_params=n_params, bits=bits, batch=batch, seq_len=seq_len, shape=shape, lora_r=lora_r,
                     lora_targets=targets, num_virtual_tokens=num_virtual_tokens, grad_checkpointing=grad_checkpointing,
