@@ -8,19 +8,29 @@ learner code, by replaying each check against its recording (data only, read wit
 ``torch.load(weights_only=True)``). A cell that kills the kernel is skipped in a fresh run, so it costs
 its own exercise alone; an exception, an endless loop, ``sys.exit``, a flood of output or a memory
 blow-up in the learner's kernel ends as a verdict, never as a grader traceback.
+
+Interrupting ``course-grade`` (Ctrl-C: SIGINT; ``kill``, a cancelled job: SIGTERM) stops it within
+seconds: every kernel and worker process it started is shut down (a worker that does not stop within
+:data:`STOP_GRACE` seconds is killed with the processes below it), it says on stderr what was and was not
+done, and it exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). Nothing is written:
+the gradebook (``--csv``, ``--gradebook-json``) is written only when the whole batch is done, through a
+temporary file and a rename, so a file under its name is always a complete gradebook (an earlier run's,
+should this one be interrupted, which the message points out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..notebook_run import execute_notebook
+from ..notebook_run import Interrupted, execute_notebook, raise_if_interrupted, stop_signals_raise_interrupted
 from . import ExerciseResult, exercises_for
 
 MAX_OUTPUT_CHARS = 20_000  # per cell, in the stored copy: a flood of prints must not eat memory
@@ -327,15 +337,135 @@ def _grade_one(path: Path, options: dict) -> dict:
         return {"notebook": str(path), "error": f"the grader failed: {type(e).__name__}: {str(e)[:300]}"}
 
 
-def grade_many(paths: list[Path], *, jobs: int = 1, **options) -> list[dict]:
-    """Grade many submissions, ``jobs`` at a time (each in its own process: its kernel, its judge)."""
-    if jobs <= 1 or len(paths) <= 1:
-        return [_grade_one(path, options) for path in paths]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+STOP_GRACE = 8.0  # seconds an interrupted worker gets to shut its kernel down before it is killed
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_grade_one, paths, [options] * len(paths)))
+
+class BatchInterrupted(Interrupted):
+    """A batch stopped by SIGINT/SIGTERM: every worker and kernel it started is gone; ``graded`` holds the
+    scorecards finished before the signal (never written as a gradebook)."""
+
+    def __init__(self, signum: int, graded: list[dict], total: int, stopped: int):
+        super().__init__(signum, f"interrupted by {signal.Signals(signum).name} after {len(graded)} of {total} "
+                                 f"submission(s); {stopped} grading(s) in progress stopped")
+        self.graded, self.total, self.stopped = graded, total, stopped
+
+
+def _signum(interrupt: KeyboardInterrupt) -> int:
+    return interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+
+
+def _grade_in_worker(path: Path, options: dict, results) -> None:
+    """A worker process's whole life: grade one submission and send its scorecard (JSON data) back. On
+    SIGINT/SIGTERM its kernel is shut down (:func:`execute_notebook`) and it exits with 128 + the signal."""
+    with stop_signals_raise_interrupted():
+        try:
+            card = _grade_one(path, options)
+            raise_if_interrupted()  # one swallowed on the way (see raise_if_interrupted)
+        except KeyboardInterrupt as e:
+            sys.exit(128 + _signum(e))
+    results.send(card)
+    results.close()
+
+
+@contextmanager
+def _signals_ignored():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_workers(workers: list, grace: float = STOP_GRACE) -> None:
+    """SIGTERM each worker still running (each shuts its kernel down and exits), wait up to ``grace``
+    seconds, then SIGKILL any left together with every process below it (its kernel)."""
+    import psutil
+
+    workers = [worker for worker in workers if worker.pid is not None]  # (one interrupted before it started)
+    below = {}
+    for worker in workers:
+        try:
+            below[worker.pid] = psutil.Process(worker.pid).children(recursive=True)
+        except psutil.Error:
+            below[worker.pid] = []
+        if worker.is_alive():
+            worker.terminate()
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
+        for child in below[worker.pid]:
+            try:
+                child.kill()  # a kernel whose worker died before it could shut it down
+            except psutil.Error:
+                pass
+
+
+def grade_many(paths: list[Path], *, jobs: int = 1, **options) -> list[dict]:
+    """Grade many submissions, ``jobs`` at a time: with ``jobs > 1`` each submission in a worker process of
+    its own (its kernel, its judge), started with ``spawn``. Returns the scorecards in the order of ``paths``.
+
+    SIGINT/SIGTERM (while :func:`stop_signals_raise_interrupted` is in force, as under ``course-grade``)
+    stops the batch: running workers are stopped with their kernels (SIGKILL after :data:`STOP_GRACE`
+    seconds), none is started, and :class:`BatchInterrupted` is raised with what was finished."""
+    if jobs <= 1 or len(paths) <= 1:
+        cards = []
+        for path in paths:
+            try:
+                raise_if_interrupted()
+                card = _grade_one(path, options)
+            except KeyboardInterrupt as e:
+                raise BatchInterrupted(_signum(e), cards, len(paths), 1) from None
+            cards.append(card)
+        return cards
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")
+    cards: dict[int, dict] = {}
+    running: dict[int, tuple] = {}  # index in paths -> (worker process, the end its scorecard arrives on)
+    waiting = list(enumerate(paths))
+    try:
+        while waiting or running:
+            raise_if_interrupted()
+            while waiting and len(running) < jobs:
+                index, path = waiting.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                worker = context.Process(target=_grade_in_worker, args=(path, options, send),
+                                         name=f"course-grade {path.name}")
+                running[index] = (worker, receive)  # before it starts: an interrupt from here on stops it
+                worker.start()
+                send.close()  # the worker holds the other end: its exit without a scorecard reads as EOF
+            ready = wait([receive for _, receive in running.values()])
+            for index, (worker, receive) in list(running.items()):
+                if receive not in ready:
+                    continue
+                try:
+                    cards[index] = receive.recv()
+                except EOFError:
+                    worker.join(5)
+                    cards[index] = {"notebook": str(paths[index]),
+                                    "error": f"the grader's worker process ended without a scorecard "
+                                             f"(exit code {worker.exitcode})"}
+                worker.join(30)  # it exits once its scorecard is sent; one that hangs on the way out
+                if worker.is_alive():  # (its kernel already shut down) must not hold up the batch
+                    worker.kill()
+                receive.close()
+                del running[index]
+    except KeyboardInterrupt as e:
+        with _signals_ignored():  # a second Ctrl-C must not cut the stopping short and orphan a kernel
+            _stop_workers([worker for worker, _ in running.values()])
+        raise BatchInterrupted(_signum(e), [cards[i] for i in sorted(cards)], len(paths), len(running)) from None
+    return [cards[index] for index in range(len(paths))]
 
 
 GRADEBOOK_FIELDS = ("submission", "lesson", "exercise", "title", "passed", "points", "feedback")
@@ -396,16 +526,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"course-grade: error: {e}", file=sys.stderr)
         return 2
     options = {"timeout": args.timeout, "cell_timeout": args.cell_timeout, "memory_gb": args.memory_gb}
+    # SIGTERM (kill, a cancelled job) stops a grading as Ctrl-C does: kernels and workers are shut down,
+    # nothing is written, and the exit code says which signal it was (128 + its number: 130, 143).
+    with stop_signals_raise_interrupted():
+        try:
+            return _grade_and_report(paths, args, options)
+        except KeyboardInterrupt as e:
+            stopped = e if isinstance(e, Interrupted) else Interrupted(_signum(e))
+            print(f"\ncourse-grade: {_interruption_report(stopped, paths, args)}", file=sys.stderr)
+            return stopped.exit_code
+
+
+def _interruption_report(stopped: Interrupted, paths: list[Path], args) -> str:
+    """What an interrupted run did and did not do, for the terminal."""
+    if isinstance(stopped, BatchInterrupted):
+        done = f"{len(stopped.graded)} of {stopped.total} submission(s) graded, {stopped.stopped} stopped " \
+               f"(with any kernel they had started)"
+    else:
+        done = f"grading of {paths[0]} stopped (with its kernel, if one had started); no score given"
+    books = [str(p) for p in (args.csv, args.gradebook_json) if p is not None]
+    if books:
+        earlier = [b for b in books if Path(b).exists()]
+        done += f"; no gradebook written ({', '.join(books)})"
+        if earlier:
+            done += f" — the file(s) there ({', '.join(earlier)}) are from an earlier, complete run"
+    return f"interrupted by {stopped.signal_name}: {done}"
+
+
+def _grade_and_report(paths: list[Path], args, options: dict) -> int:
     if len(paths) == 1 and not (args.csv or args.gradebook_json):
         try:
             card = grade_notebook(paths[0], **options)
         except GradingError as e:
             print(f"course-grade: error: {e}", file=sys.stderr)
             return 2
+        raise_if_interrupted()  # a signal whose KeyboardInterrupt was swallowed on the way: no score
         print(json.dumps(card.to_json(), indent=2) if args.json else card.format())
         return 0 if card.passed else 1
     cards = grade_many(paths, jobs=args.jobs, **options)
-    write_gradebook(cards, args.csv, args.gradebook_json)
+    try:
+        raise_if_interrupted()
+    except Interrupted as e:
+        raise BatchInterrupted(e.signum, cards, len(paths), 0) from None
+    write_gradebook(cards, args.csv, args.gradebook_json)  # only a finished batch writes one
     if args.json:
         print(json.dumps({"submissions": cards}, indent=2))
     else:
@@ -415,7 +578,6 @@ def main(argv: list[str] | None = None) -> int:
     if any("error" in card for card in cards):
         return 2
     return 0 if all(card["score"] == card["total"] for card in cards) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
