@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .notebook_run import Interrupted, stop_signals_raise_interrupted
 from .profile import PROFILES, get_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,10 +207,6 @@ def run_lab(profile: str = "cpu", model: str | None = None, only: str | None = N
     return results
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="course-lab", description="Run the lesson notebooks and summarise them.")
     parser.add_argument("--profile", choices=list(PROFILES), default="cpu",
@@ -233,22 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"course-lab: error: {e}", file=sys.stderr)
         return 2
-    # SIGTERM (kill, a CI job cancelled) unwinds like Ctrl-C, so the kernel of the running notebook is shut
-    # down by nbclient's cleanup instead of being orphaned, and no report is written
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (kill, a CI job cancelled) unwinds like Ctrl-C: the running notebook's kernel is shut down
+    # instead of orphaned, no report is written, and the exit code says which signal it was (130 / 143)
     try:
-        results = run_lab(args.profile, args.model, args.only, args.out, args.cell_timeout)
-    except KeyboardInterrupt:
+        with stop_signals_raise_interrupted():
+            results = run_lab(args.profile, args.model, args.only, args.out, args.cell_timeout)
+    except KeyboardInterrupt as e:
         print(f"\ncourse-lab: interrupted; no report written to {args.out}", file=sys.stderr)
-        return 130
+        return e.exit_code if isinstance(e, Interrupted) else 130
     except Exception as e:
-        # While a cell runs, nbclient takes SIGINT/SIGTERM itself: it shuts the kernel down, then fails on
-        # its own second cleanup (AssertionError); any other error lands here too. Either way: no report.
-        print(f"\ncourse-lab: stopped by {type(e).__name__}: {e}; interrupted or failed, no report written to "
-              f"{args.out}", file=sys.stderr)
+        print(f"\ncourse-lab: stopped by {type(e).__name__}: {e}; no report written to {args.out}", file=sys.stderr)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
