@@ -36,7 +36,7 @@ SYLLABUS = {
     "06": "Reward models and PPO (RLHF)",
     "07": "Direct preference optimization (DPO)",
     "08": "Group relative policy optimization (GRPO)",
-    "09": "Capstone: choosing and combining techniques",
+    "09": "Choosing a technique: every method on one task, measured",
 }
 
 
