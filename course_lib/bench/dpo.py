@@ -10,7 +10,6 @@ import argparse
 import copy
 import functools
 
-import torch
 
 
 def _ending_rows(n: int, seed: int = 0) -> list[dict]:
