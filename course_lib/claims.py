@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from .readme_section import replace_section
+
 MIME = "application/vnd.course-lib.claim+json"
 VERDICTS = ("holds", "corrected", "open")
 README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
@@ -77,18 +79,7 @@ def update_readme(readme: Path = ROOT / "README.md", notebooks_dir: Path = ROOT 
                   check: bool = False) -> bool:
     """Rewrite the table between the README's markers; with ``check``, only say whether it is current.
     Returns True when the README already had (or now has) the table the notebooks give."""
-    text = Path(readme).read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers: add them where the table goes")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    wanted = f"{head}{README_START}\n{readme_table(notebooks_dir)}\n{README_END}{tail}"
-    if wanted == text:
-        return True
-    if check:
-        return False
-    Path(readme).write_text(wanted)
-    return True
+    return replace_section(readme, README_START, README_END, readme_table(notebooks_dir), check=check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..readme_section import replace_section
+
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ROOT = Path(__file__).resolve().parent.parent.parent
 RAW_DIR = ROOT / "benchmarks" / "raw"
@@ -208,18 +210,7 @@ def readme_table(raw_dir: Path = RAW_DIR) -> str:
 def update_readme(readme: Path = ROOT / "README.md", raw_dir: Path = RAW_DIR, check: bool = False) -> bool:
     """Rewrite the table between the README's bench markers; with ``check``, only say whether it is current.
     Returns True when the README already had (or now has) the table the results give."""
-    text = Path(readme).read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers: add them where the table goes")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    wanted = f"{head}{README_START}\n{readme_table(raw_dir)}\n{README_END}{tail}"
-    if wanted == text:
-        return True
-    if check:
-        return False
-    Path(readme).write_text(wanted)
-    return True
+    return replace_section(readme, README_START, README_END, readme_table(raw_dir), check=check)
 
 
 def main(argv: list[str] | None = None) -> int:
