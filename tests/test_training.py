@@ -209,6 +209,19 @@ def test_bad_configs_and_models_are_clear_errors():
               loss_fn=lambda m, b: m(**b).loss * float("nan"))
 
 
+def _two_processes_then_one(script, folder) -> None:
+    """Run ``script`` under torchrun with 2 processes (gloo on CPU), then alone, both in ``folder``, where each
+    run writes the results the test compares."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = [shutil.which("torchrun") or sys.executable, *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
+    for command in ([*torchrun, "--nproc_per_node", "2", str(script)], [sys.executable, str(script)]):
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=folder)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_data_parallel_training_equals_one_process_on_the_whole_batch(tmp_path):
     """Under torchrun (accelerate's DDP, gloo on CPU) each process trains on its half of every batch,
@@ -216,21 +229,12 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_whole_batc
     fails if gradients are not all-reduced (the ranks drift apart) or if each process divides by its own
     token count instead of the total (a different weighting of the rows)."""
     import json
-    import shutil
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     from .conftest import ROOT
 
-    script = ROOT / "tests" / "scripts" / "ddp_train.py"
-    torchrun = [shutil.which("torchrun") or sys.executable, *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
-    out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    _two_processes_then_one(ROOT / "tests" / "scripts" / "ddp_train.py", tmp_path)
     runs = [json.loads((tmp_path / f"rank{r}_world2.json").read_text()) for r in (0, 1)]
     alone = json.loads((tmp_path / "rank0_world1.json").read_text())
     # the processes trained on different halves of each batch; together, on what the single process saw
@@ -259,21 +263,12 @@ def test_two_process_fsdp_training_equals_one_process_on_the_whole_batch(tmp_pat
     far outside it. accelerate's FSDP needs a GPU; this exercises torch's FSDP2 under the same `train` loop
     (tests/scripts/fsdp_train.py says why and what it needs)."""
     import json
-    import shutil
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     from .conftest import ROOT
 
-    script = ROOT / "tests" / "scripts" / "fsdp_train.py"
-    torchrun = [shutil.which("torchrun") or sys.executable, *([] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
-    out = subprocess.run([*torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    _two_processes_then_one(ROOT / "tests" / "scripts" / "fsdp_train.py", tmp_path)
     ranks = [json.loads((tmp_path / f"fsdp_rank{r}_world2.json").read_text()) for r in (0, 1)]
     alone = json.loads((tmp_path / "fsdp_rank0_world1.json").read_text())
     for name in ("sgd", "sgd_clipped", "adamw"):
