@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 
 
 
@@ -52,8 +51,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from ..models import load_model
     from ..training import TrainConfig, train
     from .device import bench_device, device_name, synchronizer
-    from .timing import alternate_all
-    from .trl_steps import TRL_VARIANTS, ready_for_steps, trainer_steps, trl_settings, trl_step_times
+    from .trl_steps import TRL_VARIANTS, ready_for_steps, time_with_and_without_sharing_and_trl, trl_step_times
 
     device = bench_device(args)
     cuda = device.type == "cuda"
@@ -84,12 +82,9 @@ def bench_dpo(args: argparse.Namespace) -> dict:
         train(ours, batches, config, loss_fn=DPOLoss(beta, share_prompt=share_prompt), device=device)
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
-    settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}  # what TRL's steps ran with
     sync = synchronizer(device)
-    t_ours, t_concatenated, *t_trl = alternate_all(
-        [run_ours, functools.partial(run_ours, False), *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
-        repeats=args.repeats, sync=sync)
-    t_theirs = dict(zip(variants, t_trl))
+    t_ours, t_concatenated, t_theirs, settings = time_with_and_without_sharing_and_trl(
+        run_ours, variants, repeats=args.repeats, sync=sync)
 
     def dpo_steps(separate_reference: bool):
         model = copy.deepcopy(ours)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from typing import Callable
 
 import torch
+
+from .timing import alternate_all
 
 
 # The two ways the DPO and GRPO benchmarks run TRL: as a learner gets it (its defaults: bf16 autocast and
@@ -72,3 +76,17 @@ def trainer_steps(trainer, batches: list[dict]) -> None:
             trainer.optimizer.step()
             trainer.lr_scheduler.step()
             trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def time_with_and_without_sharing_and_trl(run_ours: Callable[..., None], variants: dict, *, repeats: int,
+                                          sync: Callable[[], None]) -> tuple[float, float, dict[str, float], dict[str, str]]:
+    """What the dpo and grpo benchmarks time, alternately: course_lib's run with each prompt shared by its
+    completions (``run_ours()``), the same run with every completion re-running its prompt
+    (``run_ours(False)``, TRL's arithmetic), and each TRL variant's steps (``variants``: name → (trainer,
+    batches)). Returns the median seconds of the first two, those of each variant, and the settings each
+    variant's steps really ran with (:func:`trl_settings`)."""
+    settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}
+    t_ours, t_concatenated, *t_trl = alternate_all(
+        [run_ours, functools.partial(run_ours, False), *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
+        repeats=repeats, sync=sync)
+    return t_ours, t_concatenated, dict(zip(variants, t_trl)), settings
