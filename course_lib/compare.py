@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -97,21 +96,23 @@ def forward_ms(models: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor
         raise ValueError("models is empty: pass {name: model}")
     if rounds < 1 or repeats < 1:
         raise ValueError(f"rounds and repeats must be ≥ 1, got rounds={rounds}, repeats={repeats}")
-    times: dict[str, list[float]] = {name: [] for name in models}
+    from .bench.timing import alternate_rounds
+
     for m in models.values():
         m.eval()
-    with torch.no_grad():
-        for name, m in models.items():  # one warm-up call each (first-call allocations, lazy init)
-            m(**batch)
-        for _ in range(rounds):
-            for name, m in models.items():
-                device = next(m.parameters()).device
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    m(**batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(1e3 * (time.perf_counter() - start) / repeats)
+
+    def forwards(m: nn.Module) -> Callable[[], None]:
+        return lambda: [m(**batch) for _ in range(repeats)]
+
+    gpus = {d for d in (next(m.parameters()).device for m in models.values()) if d.type == "cuda"}
+
+    def sync() -> None:  # a CUDA forward returns before it has run
+        for device in gpus:
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():  # one warm-up round (first-call allocations, lazy init), then the timed rounds
+        rounds_s = alternate_rounds([forwards(m) for m in models.values()], repeats=rounds, warmup=1, sync=sync)
+    times = {name: [1e3 * s / repeats for s in spent] for name, spent in zip(models, rounds_s)}
     return {name: {"ms": statistics.median(t), "half_range": (max(t) - min(t)) / 2} for name, t in times.items()}
 
 

@@ -18,6 +18,13 @@ def alternate(a: Callable[[], object], b: Callable[[], object], *, repeats: int 
 def alternate_all(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
                   sync: Callable[[], None] = lambda: None) -> list[float]:
     """Median seconds of each function, run in turn (A/B/C/A/B/C…)."""
+    return [statistics.median(t) for t in alternate_rounds(fns, repeats=repeats, warmup=warmup, sync=sync)]
+
+
+def alternate_rounds(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+                     sync: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Seconds of every round of each function, run in turn (A/B/C/A/B/C…) after ``warmup`` untimed rounds:
+    what :func:`alternate_all` takes the median of, for a caller that also reports the spread."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -29,4 +36,4 @@ def alternate_all(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: 
             fn()
             sync()
             spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
