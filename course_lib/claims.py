@@ -15,12 +15,11 @@ notebooks give.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .readme_section import replace_section
+from .readme_section import replace_section, section_cli
 
 MIME = "application/vnd.course-lib.claim+json"
 VERDICTS = ("holds", "corrected", "open")
@@ -83,15 +82,9 @@ def update_readme(readme: Path = ROOT / "README.md", notebooks_dir: Path = ROOT 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.claims",
-                                     description="Rebuild the README's claims table from the notebooks' outputs.")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's table is stale")
-    args = parser.parse_args(argv)
-    if update_readme(check=args.check):
-        return 0
-    print("README.md's claims table is stale: run `python -m course_lib.claims`", file=sys.stderr)
-    return 1
-
+    return section_cli(argv, prog="python -m course_lib.claims",
+                       table="claims table", source="the notebooks' outputs",
+                       update_readme=update_readme)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 def replace_section(readme: str | Path, start: str, end: str, body: str, *, check: bool = False) -> bool:
@@ -22,3 +25,16 @@ def replace_section(readme: str | Path, start: str, end: str, body: str, *, chec
         return False
     Path(readme).write_text(wanted)
     return True
+
+
+def section_cli(argv: list[str] | None, *, prog: str, table: str, source: str,
+                update_readme: Callable[..., bool]) -> int:
+    """The command line of a generated section: rebuild ``table`` from ``source``, or with ``--check`` exit 1
+    when the README's copy is stale."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"Rebuild the README's {table} from {source}.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README's table is stale")
+    args = parser.parse_args(argv)
+    if update_readme(check=args.check):
+        return 0
+    print(f"README.md's {table} is stale: run `{prog}`", file=sys.stderr)
+    return 1

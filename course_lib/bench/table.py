@@ -11,13 +11,12 @@ where the library's defaults differ, the defaults-against-defaults figure follow
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Callable
 
-from ..readme_section import replace_section
+from ..readme_section import replace_section, section_cli
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -214,15 +213,9 @@ def update_readme(readme: Path = ROOT / "README.md", raw_dir: Path = RAW_DIR, ch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.bench.table",
-                                     description="Rebuild the README's performance table from benchmarks/raw/.")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's table is stale")
-    args = parser.parse_args(argv)
-    if update_readme(check=args.check):
-        return 0
-    print("README.md's performance table is stale: run `python -m course_lib.bench.table`", file=sys.stderr)
-    return 1
-
+    return section_cli(argv, prog="python -m course_lib.bench.table",
+                       table="performance table", source="benchmarks/raw/",
+                       update_readme=update_readme)
 
 if __name__ == "__main__":
     sys.exit(main())
