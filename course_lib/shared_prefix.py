@@ -27,10 +27,17 @@ When it pays: the tokens pushed through the model fall from n·(Lp + Lc) to Lp +
 DPO on story openers (Lp ≈ 42, Lc ≈ 24, n = 2) 38 % fewer, for GRPO additions (Lp ≈ 15, Lc ≤ 6, G = 8)
 60 % fewer. The price is attention over a longer row with a dense mask: (Lp + n·Lc)² scores per prompt
 instead of n·(Lp + Lc)², which matters only when n·Lc is long (here it is tens of tokens).
+
+One more saving follows from reading only the positions that predict a completion token: in the LAST
+layer the other positions (the prompt's but its last token, and padding) are needed only for their keys
+and values, so that layer's MLP and attention output projection run on the read positions alone
+(:func:`last_layer_rows_only`). On the 4-layer embedded model this takes ~6 % off a DPO step; on a deep
+model it is one layer's share and small.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +145,49 @@ def _dense_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     return allowed  # SDPA: True = attend
 
 
+@contextlib.contextmanager
+def last_layer_rows_only(decoder: nn.Module, rows: torch.Tensor):
+    """While in the block, the decoder's last layer runs its MLP and attention output projection only on
+    the flattened (P·L) positions ``rows``, and adds zeros at the others.
+
+    Only the final hidden states that predict a completion token are read. Every other position still
+    needs the last layer's keys and values (later tokens attend to them) but nothing after them: its MLP
+    and output projection feed only its own final hidden state. For a packed DPO batch on story openers
+    about half the positions are prompt tokens, so the last layer does about half its work (the MLP is
+    ~¾ of a Llama layer's matmuls). The hidden states at the skipped positions are then meaningless; they
+    are never read. Does nothing when the layout is unknown (no ``layers[-1].mlp`` named ``…MLP``, e.g. a
+    mixture of experts) or under gradient checkpointing, whose recomputation would run without the block."""
+    layers = getattr(decoder, "layers", None)
+    layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    mlp = getattr(layer, "mlp", None)
+    if (mlp is None or not type(mlp).__name__.endswith("MLP")
+            or getattr(decoder, "gradient_checkpointing", False) and decoder.training):
+        yield
+        return
+    modules = [mlp, getattr(getattr(layer, "self_attn", None), "o_proj", None)]
+    shapes: dict[nn.Module, torch.Size] = {}
+
+    def keep_rows(module, args):
+        (x,) = args
+        shapes[module] = x.shape  # (P, L, in)
+        return (x.reshape(-1, x.shape[-1]).index_select(0, rows),)  # (n, in)
+
+    def put_back(module, args, out):
+        shape = shapes.pop(module)
+        full = out.new_zeros(shape[:-1].numel(), out.shape[-1])  # (P·L, out)
+        return full.index_copy(0, rows, out).view(*shape[:-1], out.shape[-1])
+
+    handles = []
+    try:
+        for module in modules:
+            if isinstance(module, nn.Module):
+                handles += [module.register_forward_pre_hook(keep_rows), module.register_forward_hook(put_back)]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def completion_logits_shared_prompt(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                     completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                                     n_per_prompt: int) -> torch.Tensor:
@@ -146,8 +196,11 @@ def completion_logits_shared_prompt(model: nn.Module, prompt_ids: torch.Tensor, 
     concatenated forward's logits[:, Tp − 1 + t] are; at padding positions (mask 0) they are meaningless."""
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     packed = pack_shared_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask, n_per_prompt, pad_id)
-    hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=_dense_mask_for(model, packed.attention),
-                                 position_ids=packed.position_ids, use_cache=False).last_hidden_state  # (P, L, H)
+    decoder = model.get_decoder()
+    read = torch.unique(packed.row_of[:, None] * packed.input_ids.shape[1] + packed.predictor)  # (n,) flat P·L rows
+    with last_layer_rows_only(decoder, read):
+        hidden = decoder(input_ids=packed.input_ids, attention_mask=_dense_mask_for(model, packed.attention),
+                         position_ids=packed.position_ids, use_cache=False).last_hidden_state  # (P, L, H)
     wanted = hidden[packed.row_of[:, None], packed.predictor]  # (N, Tc, H)
     logits = model.get_output_embeddings()(wanted)  # (N, Tc, V)
     cap = getattr(model.config, "final_logit_softcapping", None)

@@ -148,10 +148,16 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: unfreeze some, or add an adapter first")
+    # One kernel per operation over all parameters instead of a Python loop over them: the same numbers
+    # (torch's for-each and per-tensor updates round alike; tests/test_training_loop.py checks it) and,
+    # for the ~60 small tensors of a LoRA adapter on CPU, a third of the optimizer's time. torch picks
+    # for-each by itself only on accelerators.
+    foreach = all(p.device.type in ("cpu", "cuda") for p in params) or None
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                 foreach=foreach)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, foreach=foreach)
     raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
 
 

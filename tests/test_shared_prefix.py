@@ -130,6 +130,66 @@ def test_dpo_rows_with_different_prompts_fall_back_to_the_concatenated_forward(e
                            dpo.sequence_logprobs(model, swapped, share_prompt=False))
 
 
+def _rows_seen(model, batch):
+    """Rows each decoder layer's MLP and attention output projection receive in one shared DPO forward."""
+    seen, handles = {}, []
+    for i, layer in enumerate(model.get_decoder().layers):
+        for name, module in (("mlp", layer.mlp), ("o_proj", layer.self_attn.o_proj)):
+            handles.append(module.register_forward_hook(  # a forward hook sees the input the module ran on
+                lambda m, args, out, key=(i, name): seen.setdefault(key, args[0].reshape(-1, args[0].shape[-1]).shape[0])
+                and None))  # None: the hook leaves the output as it is
+    try:
+        with torch.no_grad():
+            dpo.sequence_logprobs(model, batch, share_prompt=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_the_last_layer_runs_its_mlp_only_on_the_positions_the_loss_reads(embedded):
+    """Prompt positions need the last layer's keys and values, not its MLP or output projection: those
+    run on the positions that predict a completion token (one per completion token, the prompt's last
+    token among them), the earlier layers on every packed position. The log-probs and gradients with
+    the skip are the concatenated forward's: the tests above run with it."""
+    from course_lib import data
+    from course_lib.shared_prefix import pack_shared_prompts
+
+    model, tokenizer = _adapted(embedded[0]), embedded[1]
+    batch = dpo.tokenize_preference_rows(data.preference_rows("ending", "train", n=4, seed=3), tokenizer)
+    seen = _rows_seen(model, batch)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = split_prompt_and_completion(
+        batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # chosen and rejected of each pair, adjacent
+    packed = pack_shared_prompts(prompt_ids[:4], prompt_mask[:4], completion_ids[order], completion_mask[order], 2)
+    all_positions = packed.input_ids.numel()
+    read = {(int(r), int(p)) for r, row in zip(packed.row_of, packed.predictor) for p in row}
+    last = len(model.get_decoder().layers) - 1
+    assert seen[(last, "mlp")] == seen[(last, "o_proj")] == len(read) < 0.7 * all_positions
+    assert all(n == all_positions for (i, _), n in seen.items() if i < last)
+
+
+def test_under_gradient_checkpointing_the_last_layer_runs_on_every_position_with_the_same_results(embedded):
+    """Checkpointing recomputes each layer in the backward pass, outside the forward's row selection, so
+    the selection is off there; log-probs and gradients are the same as without checkpointing."""
+    from course_lib import data
+
+    batch = dpo.tokenize_preference_rows(data.preference_rows("ending", "train", n=3, seed=1), embedded[1])
+    results = {}
+    for checkpointing in (False, True):
+        model = _adapted(embedded[0], seed=6)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        logps = dpo.sequence_logprobs(model, batch, share_prompt=True)
+        results[checkpointing] = (logps.detach(), _grads(model, logps.sum()))
+        seen = _rows_seen(model, batch)
+        last = len(model.get_decoder().layers) - 1
+        assert (seen[(last, "mlp")] == seen[(0, "mlp")]) == checkpointing  # every position only when checkpointing
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=RTOL, atol=ATOL)
+    _assert_same_grads(results[True][1], results[False][1])
+
+
 # --------------------------------------------------------------------------------------------
 # GRPO: G completions share the prompt, in scoring and in sampling
 # --------------------------------------------------------------------------------------------

@@ -128,3 +128,29 @@ def test_exercise_00_6_reference_is_the_exact_count_of_a_real_model():
     assert optimizer_state_bytes(optimizer) == training_state_bytes(meta).optimizer
     with pytest.raises(ValueError, match="not Llama parameter names"):
         lesson_00.meta_llama(real.config, ("attention",))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_optimizer_updates_all_tensors_at_once_with_the_per_tensor_numbers(optimizer):
+    """make_optimizer's for-each update (one kernel per operation across the parameters) gives the
+    per-tensor loop's parameters bit for bit, over steps with weight decay and many small tensors."""
+    from course_lib.training import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 16), (24, 8), (5,), (8, 16), (3, 7, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    loop = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    config = TrainConfig(steps=5, lr=3e-2, weight_decay=0.1, optimizer=optimizer, progress=False)
+    fast = make_optimizer(ours, config)
+    assert fast.defaults["foreach"] is True
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    extra = {"betas": config.betas} if optimizer == "adamw" else {"momentum": 0.9}
+    slow = cls(loop, lr=config.lr, weight_decay=config.weight_decay, foreach=False, **extra)
+    for _ in range(6):
+        for a, b in zip(ours, loop):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fast.step()
+        slow.step()
+    for a, b in zip(ours, loop):
+        assert torch.equal(a, b)
