@@ -139,10 +139,14 @@ def _dense_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"prefix sharing needs an attention that takes a custom mask ({DENSE_MASK_ATTENTION}); "
                          f"the model uses {implementation!r}: load it with attn_implementation='sdpa', or score "
                          f"the full sequences (share_prompt=False)")
+    dtype = model.get_input_embeddings().weight.dtype  # the residual stream's, so the queries'
     if implementation == "eager":  # eager adds the mask to the scores
-        dtype = next(model.parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed  # SDPA: True = attend
+    if torch.is_autocast_enabled(allowed.device.type):  # the queries' dtype is autocast's: let SDPA convert
+        return allowed  # True = attend
+    # SDPA turns a boolean mask into this additive one (0 where allowed, −inf elsewhere) in every call, in
+    # every layer and again in the backward pass; made once here, the same numbers cost one conversion.
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 @contextlib.contextmanager

@@ -190,6 +190,31 @@ def test_under_gradient_checkpointing_the_last_layer_runs_on_every_position_with
     _assert_same_grads(results[True][1], results[False][1])
 
 
+def test_the_additive_mask_made_once_gives_sdpas_own_boolean_mask_numbers_bit_for_bit(embedded, monkeypatch):
+    """The packed rows' mask goes to SDPA as 0 / −inf, made once per forward, instead of as booleans SDPA
+    converts in every layer: log-probs and gradients are bit-identical. Under autocast the booleans stay
+    (the queries' dtype is autocast's) and the forward runs."""
+    from course_lib import data, shared_prefix
+
+    model, tokenizer = _adapted(embedded[0], seed=7), embedded[1]
+    batch = dpo.tokenize_preference_rows(data.preference_rows("ending", "train", n=4, seed=2), tokenizer)
+    made = shared_prefix._dense_mask_for(model, torch.tensor([[[[True, False], [True, True]]]]))
+    assert made.dtype == torch.float32 and made.tolist() == [[[[0.0, float("-inf")], [0.0, 0.0]]]]
+    results = []
+    for boolean in (False, True):
+        if boolean:
+            monkeypatch.setattr(shared_prefix, "_dense_mask_for", lambda model, allowed: allowed)
+        logps = dpo.sequence_logprobs(model, batch, share_prompt=True)
+        results.append((logps.detach(), _grads(model, logps.sum())))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shared_prefix._dense_mask_for(model, torch.ones(1, 1, 2, 2, dtype=torch.bool)).dtype == torch.bool
+        under_autocast = dpo.sequence_logprobs(model, batch, share_prompt=True)
+    torch.testing.assert_close(under_autocast.float(), results[0][0], rtol=0.05, atol=0.5)
+
+
 # --------------------------------------------------------------------------------------------
 # GRPO: G completions share the prompt, in scoring and in sampling
 # --------------------------------------------------------------------------------------------
