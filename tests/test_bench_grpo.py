@@ -28,6 +28,7 @@ def test_grpo_benchmark_runs_on_cpu(capsys):
         assert seconds > 0 and math.isfinite(seconds)
     for variant, ratio in result["step_ratio"].items():
         assert math.isclose(ratio, result["step_s"]["course_lib"] / result["step_s"][f"trl_{variant}"])
+        assert result["step_ratio_rounds"][variant] == [ratio]  # one round: its ratio is the median's
     # Every completion holds at least one token and at most max_completion_length, on both sides.
     rows = result["prompts_per_step"] * result["group_size"]
     for tokens in result["generation_tokens"]:

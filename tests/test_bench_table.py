@@ -134,3 +134,11 @@ def test_results_from_before_prefix_sharing_give_the_equal_work_row_and_the_defa
     rows = dpo_rows({"step_s": {"course_lib": 1.0, "trl_defaults": 5.0, "trl_float32": 2.0},
                      "trl_settings": {"defaults": "bfloat16 autocast, checkpointing on"}})
     assert [round(r["ratio"], 3) for r in rows] == [0.5, 0.2]
+
+
+def test_the_shared_prompt_row_says_the_spread_of_its_rounds_when_the_run_has_them():
+    result = dict(_results()["grpo"])
+    assert "rounds" not in HEADLINES["grpo"](result)[1]["what"]  # runs from before the spread was kept
+    result["step_ratio_rounds"] = {"float32": [0.44, 0.47, 0.51], "defaults": [0.2, 0.3, 0.4]}
+    shared = HEADLINES["dpo"](result)[1]
+    assert shared["what"].endswith("vs the same TRL; 3 rounds 0.44–0.51×") and shared["ratio"] == 0.5

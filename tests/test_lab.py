@@ -148,6 +148,7 @@ def test_dpo_benchmark_runs_on_cpu():
     assert set(result["step_ratio"]) == {"defaults", "float32"}  # TRL as shipped, and in our arithmetic
     for variant, ratio in result["step_ratio"].items():
         assert ratio > 0 and math.isclose(ratio, result["step_s"]["course_lib"] / result["step_s"][f"trl_{variant}"])
+        assert result["step_ratio_rounds"][variant] == [ratio]  # one round: its ratio is the median's
 
 
 def test_qlora_benchmark_runs_on_cpu_and_reports_every_variant(capsys):

@@ -83,7 +83,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     sync = synchronizer(device)
-    t_ours, t_concatenated, t_theirs, settings = time_with_and_without_sharing_and_trl(
+    t_ours, t_concatenated, t_theirs, settings, round_ratios = time_with_and_without_sharing_and_trl(
         run_ours, variants, repeats=args.repeats, sync=sync)
 
     def dpo_steps(separate_reference: bool):
@@ -99,6 +99,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     times = trl_step_times(t_ours, t_theirs, steps)
     times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
     times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
+    times["step_ratio_rounds"] = round_ratios  # course_lib ÷ TRL in each round, sorted
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "batch_pairs": batch_size, **times, "sharing_speedup": t_concatenated / t_ours,
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
@@ -114,7 +115,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
           f"batch {batch_size} pairs · {steps} steps per run")
     print(f"  step  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer in float32 without "
-          f"checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['float32']:.2f}×")
+          f"checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['float32']:.2f}× (rounds {min(round_ratios['float32']):.2f}–{max(round_ratios['float32']):.2f}×)")
     print(f"        course_lib, concatenated (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   ratio "
           f"{result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
           f"{1 - t_ours / t_concatenated:.0%}")

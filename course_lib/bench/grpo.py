@@ -119,7 +119,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
 
     variants = {name: trl_trainer(**overrides) for name, overrides in TRL_VARIANTS.items()}
     sync = synchronizer(device)
-    t_ours, t_concatenated, t_theirs, settings = time_with_and_without_sharing_and_trl(
+    t_ours, t_concatenated, t_theirs, settings, round_ratios = time_with_and_without_sharing_and_trl(
         run_ours, variants, repeats=args.repeats, sync=sync)
     trainer, their_batches = variants["float32"]
 
@@ -150,6 +150,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     times = trl_step_times(t_ours, t_theirs, steps)
     times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
     times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
+    times["step_ratio_rounds"] = round_ratios  # course_lib ÷ TRL in each round, sorted
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
@@ -169,7 +170,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
           f"tokens per step · {steps} steps per run")
     print(f"  step (generation included)  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer in "
           f"float32 without checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio "
-          f"{result['step_ratio']['float32']:.2f}×")
+          f"{result['step_ratio']['float32']:.2f}× (rounds {min(round_ratios['float32']):.2f}–{max(round_ratios['float32']):.2f}×)")
     print(f"        course_lib, prompt re-run per completion (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   "
           f"ratio {result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
           f"{1 - t_ours / t_concatenated:.0%}")

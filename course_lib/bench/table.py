@@ -103,8 +103,10 @@ def _trl_step_rows(task: str, result: dict) -> list[dict]:
     rows = [_timed(f"{task} step vs {trainer}, same work: both float32, no checkpointing, every completion runs "
                    "its prompt (course_lib share_prompt=False)", equal_work, step["trl_float32"])]
     if "course_lib_concatenated" in step:
+        spread = result.get("step_ratio_rounds", {}).get("float32")
+        rounds = f"; {len(spread)} rounds {min(spread):.2f}–{max(spread):.2f}×" if spread else ""
         rows.append(_timed("course_lib's default, each prompt run once (prefix sharing; TRL has none without vLLM), "
-                           "vs the same TRL", step["course_lib"], step["trl_float32"]))
+                           f"vs the same TRL{rounds}", step["course_lib"], step["trl_float32"]))
     rows.append(_timed(f"course_lib's defaults vs {trainer}'s ({result['trl_settings']['defaults']}) — defaults row",
                        step["course_lib"], step["trl_defaults"]))
     return rows

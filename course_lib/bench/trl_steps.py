@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import statistics
 import warnings
 from typing import Callable
 
 import torch
 
-from .timing import alternate_all
+from .timing import alternate_rounds
 
 
 # The two ways the DPO and GRPO benchmarks run TRL: as a learner gets it (its defaults: bf16 autocast and
@@ -79,14 +80,18 @@ def trainer_steps(trainer, batches: list[dict]) -> None:
 
 
 def time_with_and_without_sharing_and_trl(run_ours: Callable[..., None], variants: dict, *, repeats: int,
-                                          sync: Callable[[], None]) -> tuple[float, float, dict[str, float], dict[str, str]]:
+                                          sync: Callable[[], None]) -> tuple[float, float, dict[str, float], dict[str, str],
+                                                                              dict[str, list[float]]]:
     """What the dpo and grpo benchmarks time, alternately: course_lib's run with each prompt shared by its
     completions (``run_ours()``), the same run with every completion re-running its prompt
     (``run_ours(False)``, TRL's arithmetic), and each TRL variant's steps (``variants``: name → (trainer,
     batches)). Returns the median seconds of the first two, those of each variant, and the settings each
-    variant's steps really ran with (:func:`trl_settings`)."""
+    variant's steps really ran with (:func:`trl_settings`), and per variant the ratio course_lib ÷ TRL of
+    each round (the two ran back to back), sorted: the spread a rerun on a shared machine can show."""
     settings = {name: trl_settings(trainer) for name, (trainer, _) in variants.items()}
-    t_ours, t_concatenated, *t_trl = alternate_all(
+    ours, concatenated, *trl = alternate_rounds(
         [run_ours, functools.partial(run_ours, False), *[functools.partial(trainer_steps, t, b) for t, b in variants.values()]],
         repeats=repeats, sync=sync)
-    return t_ours, t_concatenated, dict(zip(variants, t_trl)), settings
+    round_ratios = {name: sorted(a / b for a, b in zip(ours, theirs)) for name, theirs in zip(variants, trl)}
+    t_trl = {name: statistics.median(theirs) for name, theirs in zip(variants, trl)}
+    return statistics.median(ours), statistics.median(concatenated), t_trl, settings, round_ratios
