@@ -125,7 +125,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     * ``dtype`` defaults to float32: a bf16 checkpoint would otherwise load as bf16, which trains
       badly and slowly on most CPUs.
     * ``quantization="bnb-nf4"`` loads the linear layers in 4-bit NF4 through bitsandbytes
-      (the library the QLoRA lesson compares against).
+      (the library the QLoRA lesson compares against), kept on its NF4 path on every CPU
+      (:func:`course_lib.nf4.bitsandbytes_reference_path`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,5 +180,9 @@ def _finish(model, tokenizer, device: torch.device, quantization: str | None):
         tokenizer.pad_token = tokenizer.eos_token
     if quantization is None:
         model.to(device)
+    else:  # an eval-mode forward must not move bitsandbytes off its NF4 path (see the function)
+        from .nf4 import bitsandbytes_reference_path
+
+        bitsandbytes_reference_path(model)
     model.eval()
     return model, tokenizer

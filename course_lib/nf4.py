@@ -330,3 +330,21 @@ def quantize_model(model: torch.nn.Module, *, blocksize: int = 64, double_quant:
     for name in names:
         model.set_submodule(name, NF4Linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant))
     return names
+
+
+def bitsandbytes_reference_path(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` in ``model`` on its reference NF4 path on CPU; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight the first time the layer
+    runs in eval mode on an input without gradient, and from then on multiplies through a bf16 kernel:
+    outputs move by ~1e-2 from the NF4 definition (dequantize, then an fp32 matmul), and the layer can no
+    longer train — its next forward with gradients fails inside bitsandbytes ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation", the bias added in place). An evaluation
+    before QLoRA training, as every lesson does, triggers both. Switching the repacking off keeps the
+    layer on the path the course compares against, on every CPU; GPUs are not affected."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False  # read in Linear4bit.forward before repacking
+    return len(layers)

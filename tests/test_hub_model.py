@@ -632,6 +632,36 @@ def bnb_hub(hub_model_dir):
     return load_model(hub_model_dir, device="cpu", quantization="bnb-nf4")[0]
 
 
+def test_a_bitsandbytes_model_evaluated_first_stays_on_its_nf4_path_and_then_trains(hub_model_dir, hub):
+    """On an AVX512-BF16 CPU bitsandbytes repacks a 4-bit weight at its first eval-mode forward without
+    gradient, computes through bf16 from then on (logits off by ~1e-2) and cannot train any more (its
+    in-place bias add fails). The loader keeps every layer on the NF4 path: after an evaluation the
+    weights are unpacked, the logits are the NF4 definition's (our quantize_model's) and a LoRA trains."""
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    from course_lib.lora import add_lora
+    from course_lib.models import load_model
+    from course_lib.nf4 import quantize_model
+
+    model = load_model(hub_model_dir, device="cpu", quantization="bnb-nf4")[0]
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 2 * 7 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    ids, mask = _batch(hub[1])
+    assert not model.training
+    with torch.no_grad():  # where bitsandbytes would repack
+        evaluated = _real_logits(model, ids, mask)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers), \
+        f"repacked on a CPU with AVX512-BF16={has_avx512bf16()}"
+    ours = _copy(hub)
+    quantize_model(ours)
+    torch.testing.assert_close(evaluated, _real_logits(ours, ids, mask), rtol=0, atol=1e-6)
+    add_lora(model, "all-linear", r=4, alpha=8)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # failed inside bitsandbytes
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_quantize_model_equals_bitsandbytes_loading(hub, bnb_hub):
     from course_lib.nf4 import NF4Linear, quantize_model
 

@@ -31,6 +31,9 @@ def _bnb_qlora(model: torch.nn.Module, r: int, compute_dtype: torch.dtype):
         if linear.bias is not None:
             layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         model.set_submodule(name, layer.to(linear.weight.device))  # the move to the device quantizes
+    from ..nf4 import bitsandbytes_reference_path
+
+    bitsandbytes_reference_path(model)  # its NF4 path on every CPU, as course_lib's loader keeps it
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
