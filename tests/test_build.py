@@ -66,3 +66,25 @@ def test_execute_in_place_saves_fresh_outputs_run_in_the_notebooks_folder(tmp_pa
     assert [o["text"] for o in executed.cells[0].outputs] == [f"{tmp_path.name}\n"]
     assert executed.cells[0].execution_count == 1
     assert f"executed {path}" in capsys.readouterr().out
+
+
+def test_every_notebook_imports_course_lib_before_the_libraries_that_load_bitsandbytes():
+    """Importing peft / trl / transformers loads bitsandbytes, which on AVX-512 BF16 CPUs logs a notice
+    about an optional Hub kernel it cannot fetch offline; ``import course_lib`` installs the filter that
+    drops it (tests/test_lab.py checks the filter), so it has to come first in every notebook."""
+    import re
+
+    third_party = re.compile(r"\s*(import|from) (peft|trl|transformers|bitsandbytes|datasets)\b")
+    ours = re.compile(r"\s*(import|from) course_lib\b")
+    checked = 0
+    for folder in ("notebooks", "solutions", "exercises"):
+        for path in sorted((ROOT / folder).glob("*.ipynb")):
+            lines = [line for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+                     for line in cell.source.splitlines()]
+            first_ours = next((i for i, line in enumerate(lines) if ours.match(line)), None)
+            first_theirs = next((i for i, line in enumerate(lines) if third_party.match(line)), None)
+            assert first_ours is not None, f"{folder}/{path.name} never imports course_lib"
+            assert first_theirs is None or first_ours < first_theirs, \
+                f"{folder}/{path.name}: line {first_theirs} imports a library that loads bitsandbytes before course_lib"
+            checked += 1
+    assert checked >= 28  # 10 lessons, 9 solutions, 9 exercise notebooks
