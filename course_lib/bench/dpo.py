@@ -10,7 +10,6 @@ import argparse
 import copy
 
 
-
 def _ending_rows(n: int, seed: int = 0) -> list[dict]:
     """Story openers with a happy (chosen) and a sad (rejected) ending."""
     from .. import data
@@ -51,6 +50,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     from ..models import load_model
     from ..training import TrainConfig, train
     from .device import bench_device, device_name, synchronizer
+    from .timing import ratio_range
     from .trl_steps import TRL_VARIANTS, ready_for_steps, time_with_and_without_sharing_and_trl, trl_step_times
 
     device = bench_device(args)
@@ -96,10 +96,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     held_adapter, peak_adapter = measure_peak_memory(lambda: dpo_steps(False), device)
     held_separate, peak_separate = measure_peak_memory(lambda: dpo_steps(True), device)
 
-    times = trl_step_times(t_ours, t_theirs, steps)
-    times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
-    times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
-    times["step_ratio_rounds"] = round_ratios  # course_lib ÷ TRL in each round, sorted
+    times = trl_step_times(t_ours, t_concatenated, t_theirs, round_ratios, steps)
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "batch_pairs": batch_size, **times, "sharing_speedup": t_concatenated / t_ours,
               "peak_mb": {"adapter_off": peak_adapter.mb, "separate_reference": peak_separate.mb},
@@ -115,7 +112,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
     print(f"dpo · {result['device']} · embedded model · LoRA r=8 all-linear · sigmoid β={beta} · "
           f"batch {batch_size} pairs · {steps} steps per run")
     print(f"  step  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL DPOTrainer in float32 without "
-          f"checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['float32']:.2f}× (rounds {min(round_ratios['float32']):.2f}–{max(round_ratios['float32']):.2f}×)")
+          f"checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio {result['step_ratio']['float32']:.2f}× (rounds {ratio_range(round_ratios['float32'])})")
     print(f"        course_lib, concatenated (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   ratio "
           f"{result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
           f"{1 - t_ours / t_concatenated:.0%}")

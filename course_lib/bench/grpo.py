@@ -71,7 +71,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from ..lora import add_lora
     from ..models import load_model
     from .device import bench_device, device_name, synchronizer
-    from .timing import alternate_all
+    from .timing import alternate_all, ratio_range
     from .trl_steps import TRL_VARIANTS, ready_for_steps, time_with_and_without_sharing_and_trl, trl_step_times
 
     device = bench_device(args)
@@ -147,10 +147,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     throughput = [tokens["ours"] / g_ours, tokens["theirs"] / g_theirs]
 
     rows_per_step = PROMPTS_PER_STEP * GROUP_SIZE
-    times = trl_step_times(t_ours, t_theirs, steps)
-    times["step_s"]["course_lib_concatenated"] = t_concatenated / steps
-    times["step_ratio_concatenated"] = {k: t_concatenated / t for k, t in t_theirs.items()}
-    times["step_ratio_rounds"] = round_ratios  # course_lib ÷ TRL in each round, sorted
+    times = trl_step_times(t_ours, t_concatenated, t_theirs, round_ratios, steps)
     result = {"device": device_name(device), "model": "embedded", "steps": steps,
               "prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
               "max_completion_length": MAX_COMPLETION_LENGTH, "beta": BETA, "loss_type": LOSS_TYPE,
@@ -170,7 +167,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
           f"tokens per step · {steps} steps per run")
     print(f"  step (generation included)  course_lib, prompt shared {t_ours / steps * 1e3:8.1f} ms   TRL GRPOTrainer in "
           f"float32 without checkpointing {t_theirs['float32'] / steps * 1e3:8.1f} ms   ratio "
-          f"{result['step_ratio']['float32']:.2f}× (rounds {min(round_ratios['float32']):.2f}–{max(round_ratios['float32']):.2f}×)")
+          f"{result['step_ratio']['float32']:.2f}× (rounds {ratio_range(round_ratios['float32'])})")
     print(f"        course_lib, prompt re-run per completion (TRL's arithmetic) {t_concatenated / steps * 1e3:8.1f} ms   "
           f"ratio {result['step_ratio_concatenated']['float32']:.2f}× TRL float32   sharing saves "
           f"{1 - t_ours / t_concatenated:.0%}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..readme_section import replace_section, section_cli
+from .timing import ratio_range
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -104,7 +105,7 @@ def _trl_step_rows(task: str, result: dict) -> list[dict]:
                    "its prompt (course_lib share_prompt=False)", equal_work, step["trl_float32"])]
     if "course_lib_concatenated" in step:
         spread = result.get("step_ratio_rounds", {}).get("float32")
-        rounds = f"; {len(spread)} rounds {min(spread):.2f}–{max(spread):.2f}×" if spread else ""
+        rounds = f"; {len(spread)} rounds {ratio_range(spread)}" if spread else ""
         rows.append(_timed("course_lib's default, each prompt run once (prefix sharing; TRL has none without vLLM), "
                            f"vs the same TRL{rounds}", step["course_lib"], step["trl_float32"]))
     rows.append(_timed(f"course_lib's defaults vs {trainer}'s ({result['trl_settings']['defaults']}) — defaults row",

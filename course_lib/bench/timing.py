@@ -21,6 +21,11 @@ def alternate_all(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: 
     return [statistics.median(t) for t in alternate_rounds(fns, repeats=repeats, warmup=warmup, sync=sync)]
 
 
+def ratio_range(ratios: list[float]) -> str:
+    """The spread of per-round ratios as the benchmarks print and tabulate it: ``"0.44–0.51×"``."""
+    return f"{min(ratios):.2f}–{max(ratios):.2f}×"
+
+
 def alternate_rounds(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
                      sync: Callable[[], None] = lambda: None) -> list[list[float]]:
     """Seconds of every round of each function, run in turn (A/B/C/A/B/C…) after ``warmup`` untimed rounds:

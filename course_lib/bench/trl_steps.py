@@ -52,10 +52,16 @@ def autocast_dtype(trainer) -> torch.dtype | None:
     return torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
 
 
-def trl_step_times(t_ours: float, t_trl: dict[str, float], steps: int) -> dict:
-    """Seconds per step of course_lib and of each TRL variant, and course_lib ÷ TRL per variant."""
-    return {"step_s": {"course_lib": t_ours / steps, **{f"trl_{k}": t / steps for k, t in t_trl.items()}},
-            "step_ratio": {k: t_ours / t for k, t in t_trl.items()}}
+def trl_step_times(t_ours: float, t_concatenated: float, t_trl: dict[str, float], round_ratios: dict[str, list[float]],
+                   steps: int) -> dict:
+    """What :func:`time_with_and_without_sharing_and_trl` measured, per step: seconds of course_lib (prompt
+    shared and concatenated) and of each TRL variant, course_lib ÷ TRL per variant for both, and the sorted
+    per-round ratios of the shared run."""
+    return {"step_s": {"course_lib": t_ours / steps, "course_lib_concatenated": t_concatenated / steps,
+                       **{f"trl_{k}": t / steps for k, t in t_trl.items()}},
+            "step_ratio": {k: t_ours / t for k, t in t_trl.items()},
+            "step_ratio_concatenated": {k: t_concatenated / t for k, t in t_trl.items()},
+            "step_ratio_rounds": round_ratios}
 
 
 def trl_settings(trainer) -> str:
