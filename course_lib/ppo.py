@@ -271,6 +271,18 @@ def response_forward(model: nn.Module, rollout: Rollout, value_head: nn.Module |
     return logp, values, logits
 
 
+@torch.no_grad()
+def sampled_kl(policy: nn.Module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """KL(π‖π_ref) of each sampled sequence, (B,) nats: Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)
+    over its response tokens, read from the sampled ids (so it stays a measurement when the samples are no
+    longer readable text), π_ref being ``policy`` with its adapter switched off. The mean over rows
+    estimates the KL of the policy's samples; the PPO loop shapes its rewards with the same numbers."""
+    logp, _, _ = response_forward(policy, rollout, None, temperature)  # (B, T)
+    with disable_adapters(policy):
+        ref_logp, _, _ = response_forward(policy, rollout, None, temperature)  # (B, T)
+    return ((logp - ref_logp) * rollout.response_mask).sum(-1)  # (B,)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------

@@ -309,3 +309,30 @@ def test_reward_model_as_reward_fn_needs_a_pad_token():
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="the tokenizer has no pad token"):
         rm.as_reward_fn(scorer, no_pad)
+
+
+def test_sampled_kl_is_the_masked_sum_of_policy_minus_adapter_off_logprobs(policy_and_tokenizer):
+    """The judge of lessons 06 and 07: per sequence Σ (log π − log π_ref) over the sampled response tokens
+    (padding after the eos left out), π_ref the adapter switched off; exactly 0 for a fresh adapter (B = 0)."""
+    import copy
+
+    from course_lib.lora import disable_adapters
+
+    fresh, tokenizer = policy_and_tokenizer
+    trained = copy.deepcopy(fresh)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(trained):
+            for name, p in layer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    rollout = ppo.sample_rollout(trained, tokenizer, OPENERS, max_new_tokens=12, seed=1)
+    with torch.no_grad():
+        logp = ppo.response_forward(trained, rollout)[0]
+        with disable_adapters(trained):
+            ref = ppo.response_forward(trained, rollout)[0]
+    expected = torch.stack([(logp[b] - ref[b])[rollout.response_mask[b].bool()].sum() for b in range(len(OPENERS))])
+    got = ppo.sampled_kl(trained, rollout)
+    assert got.shape == (len(OPENERS),) and bool((got != 0).all())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(ppo.sampled_kl(fresh, rollout), torch.zeros(len(OPENERS)))
